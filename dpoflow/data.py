@@ -83,6 +83,8 @@ class LoadResult:
                 f"{len(self.pairs)} pairs + {len(self.quarantined)} quarantined")
         if not self.locations:
             self.locations = [f"<pairs>:{i + 1}" for i in range(len(self.pairs))]
+        if len(self.locations) != len(self.pairs):
+            raise AssertionError(f"{len(self.locations)} locations for {len(self.pairs)} pairs")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -115,14 +115,14 @@ class RewardModelJudge(Judge):
     @property
     def model(self) -> Any:
         if self._model is None:
+            if self.path is None or not Path(self.path).exists():
+                raise JudgeError(f"judge reward_model: reward model folder not found: {self.path} "
+                                 "(train it first: dvc repro reward_model)")
             try:
                 from dpoflow.reward_model import load_reward_model
             except ImportError as exc:
                 raise JudgeError("judge reward_model needs dpoflow.reward_model (Stage 4) with "
                                  f"load_reward_model(path); it cannot be imported: {exc}") from exc
-            if self.path is None or not Path(self.path).exists():
-                raise JudgeError(f"judge reward_model: reward model folder not found: {self.path} "
-                                 "(train it first: dvc repro reward_model)")
             self._model = load_reward_model(self.path)
         return self._model
 

@@ -83,6 +83,11 @@ class PreferenceParams:
     temperature_step: float = _spec(0.1, low=0)
     decontamination_ngram: int = _spec(8, low=1)
     conflict_rule: str = _spec("majority", choices=("majority", "score", "drop"))
+    # Sequences decoded together. Part of the seed's meaning: the samples depend on it, so it is a param.
+    generation_batch_size: int = _spec(64, low=1)
+    # judge=import: fraction of prompts (by hash) kept aside as held-out pairs.
+    import_heldout_fraction: float = _spec(0.1, low=0, high=1)
+    reward_model_path: str = "models/reward"
     min_gap: float = _spec(0.15, low=0, high=1)
     min_pairs: int = _spec(1000, low=1)
     min_decontamination: float = _spec(0.9, low=0, high=1)

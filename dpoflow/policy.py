@@ -255,14 +255,16 @@ def sample_completions(policy: nn.Module, tokenizer: Any, prompts: Sequence[Sequ
     """Sample `n_samples` completions per prompt from the policy at temperature 1.0 (seeded) as a SeqBatch whose
     loss_mask marks every sampled position (the eos too when the sample stopped there).
 
-    MLX's global random state is restored afterwards, so calling this inside training changes nothing else."""
-    saved = mx.random.state[0]
+    Sampling reseeds MLX's global random state, and mlx 0.32 cannot restore a saved one; afterwards the global
+    state is reseeded from what it was before, so the caller's random stream stays a function of its own history.
+    """
+    before = np.asarray(mx.random.state[0]).astype(np.uint64)
     try:
         gens = generate(policy, tokenizer, [list(p) for p in prompts], n_samples=n_samples,
                         temperature=KL_TEMPERATURE, max_tokens=max_tokens, seed=seed, batch_size=batch_size,
                         desc="kl samples")
     finally:
-        mx.random.state[0] = saved
+        mx.random.seed(int((before[0] << np.uint64(32)) | before[1]) % (2**63))
     eos = int(tokenizer.eos_token_id)
     prompt_rows, completion_rows = [], []
     for messages, samples, finished in zip(prompts, gens.token_ids, gens.finished):

@@ -171,7 +171,8 @@ class RewardModel(nn.Module):
             out[idx] = np.asarray(r, dtype=np.float64)
         return [float(x) for x in out]
 
-    def score_encoded_pairs(self, encoded: Sequence[EncodedPair], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    def score_encoded_pairs(self, encoded: Sequence[EncodedPair],
+                            batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
         """(chosen rewards [P], rejected rewards [P]) of tokenized pairs, `batch_size` pairs per forward."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -308,12 +309,14 @@ def train_reward_model(rm: RewardModel, pairs: Sequence[Mapping[str, Any]], *, l
                        center_coef: float = 0.0, max_overfit_gap: float = 0.15,
                        contradiction_filter: Optional[float] = None, eval_batch_size: Optional[int] = None,
                        live: Any = None, checkpoint_dir: Optional[Path] = None, checkpoint_every: int = 25,
-                       fingerprint: str = "", max_grad_norm: float = 1.0) -> dict:
+                       fingerprint: str = "", max_grad_norm: float = 1.0,
+                       on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Train `rm` on the training split of `pairs` and evaluate it on both splits.
 
     steps = ceil(n_train / batch_size) * epochs (length-grouped batches, reshuffled each epoch); validation at the
-    end of every epoch. Returns the flat metrics of metrics/reward_model.json plus "perf" (timings) and
-    "contradictions" (rows for data/rm_contradictions.jsonl; empty when contradiction_filter is None).
+    end of every epoch; `on_step` is passed to trainer.train (tests use it to simulate a killed run). Returns the
+    flat metrics of metrics/reward_model.json plus "perf" (timings) and "contradictions" (rows for
+    data/rm_contradictions.jsonl; empty when contradiction_filter is None).
     """
     if batch_size < 1 or epochs < 1:
         raise ValueError(f"batch_size and epochs must be >= 1, got {batch_size} and {epochs}")
@@ -345,7 +348,7 @@ def train_reward_model(rm: RewardModel, pairs: Sequence[Mapping[str, Any]], *, l
                       max_grad_norm=max_grad_norm, eval_every=per_epoch, checkpoint_every=checkpoint_every,
                       seed=seed, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, desc="reward_model")
     result = train(rm, lambda model, batch: reward_loss(model, batch, center_coef), batch_at, cfg,
-                   evaluate=evaluate, live=live, tokens_in=lambda b: b.pairs.n_tokens)
+                   evaluate=evaluate, live=live, tokens_in=lambda b: b.pairs.n_tokens, on_step=on_step)
 
     t_eval = time.perf_counter()
     train_c, train_w = rm.score_encoded_pairs([encoded[i] for i in train_idx], eval_bs)

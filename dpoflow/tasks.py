@@ -1,31 +1,41 @@
 """The embedded default task: seeded reasoning-gym questions, their checkers, prompts and disjoint splits.
 
 Everything is generated offline from reasoning-gym's procedural generators, so the same seed and spec give
-byte-identical splits on any machine, and every question comes with the generator's own answer checker
+identical splits on any machine, and every question comes with the generator's own answer checker
 (`score_answer`) to serve as the verifier judge.
+
+A task mix ("spec") maps a task name to {"weight": float > 0, "config": {...reasoning-gym config...},
+"dataset": reasoning-gym name (optional, defaults to the task name)}; `dataset` lets one generator appear
+twice with different configs (two difficulty levels of the same skill).
 
 A task item (one JSONL row of a split)::
 
     {"id": str,            # sha1 of task + normalized question, first 16 hex digits: stable across runs
-     "task": str,          # reasoning-gym dataset name, e.g. "basic_arithmetic"
+     "task": str,          # the spec's task name, e.g. "add_2term"
      "question": str,
      "answer": str,        # the oracle answer
-     "metadata": dict}     # reasoning-gym's metadata, JSON-safe, plus "task_config" (the generator config)
+     "metadata": dict}     # reasoning-gym's metadata (JSON-safe) + "dataset" and "task_config" for scoring
 
-Why the default mix (`DEFAULT_SPEC`) is what it is -- numbers measured with SmolLM2-135M-Instruct on 60 seeded
-questions per task (docs: /work/shared/NOTES.md), "usable" = share of prompts whose 4 samples at T=0.9 contain
-both a right and a wrong answer, i.e. that yield a verifier-labelled preference pair:
+Why the default mix (`DEFAULT_SPEC`). Measured here with SmolLM2-135M-Instruct (the Q4_1 GGUF converted by
+dpoflow.models), prompts from `item_prompt`, 80-100 seeded distinct questions per config:
 
-* basic_arithmetic, 2 terms, 1-2 digits, "+"/"-", no brackets or negation: greedy 0.37, usable 0.48 -- neither
-  hopeless nor solved, and 20,604 distinct questions (242 with 1-digit operands, 20,402 with 2-digit ones).
-  It carries most of the weight.
-* chain_sum, 2 terms, 1-2 digits: the same skill phrased differently ("State the final answer to the following
-  arithmetic problem: 12 + 5 ="), which keeps the policy from learning a single question template; chain_sum
-  only adds and subtracts. NOTES measured chain_sum at 2-3 terms with its default (larger) operands as weak
-  (greedy 0.05); at 2 terms and 1-2 digits it is the same difficulty as basic_arithmetic. Thousands distinct.
-* Not in the default: `products` (1 digit) has only 100 distinct questions, too few to split six ways;
-  letter_counting's answer is "1" for 82% of items (a constant answer would score well); number_sorting,
-  leg_counting and spell_backward are (near) hopeless for a 135M model.
+* The base model never answers with the bare number: it explains ("To calculate 34 + 29, we need to add ...")
+  or writes the equation ("17 + 23 = 38"). Greedy 0-shot, max 48 tokens, basic_arithmetic 2 terms 1-2 digits
+  "+"/"-": 0.19 overall, 0.51 on one-digit questions with a non-negative result, 0.00 on two-digit questions
+  and 0.00 on every negative result. NOTES.md's 0.37 came from draws without de-duplication, half of them
+  from the only 242 distinct one-digit questions; de-duplicated splits are ~95% two-digit.
+* As a proxy for the model after SFT, 3 in-context examples answered in the SFT target's format, greedy:
+  with bare numbers as answers 0.02 (it copies the examples' numbers); with the equation ("9 + 5 = 14", see
+  `sft_target`) 0.35 for "+"/"-" (one-digit 0.89, two-digit non-negative 0.11, negative results 0.00).
+* Addition only, 2 terms, 1-2 digits, equation format: greedy 0.57 (one-digit 0.83, two-digit 0.36), sampled
+  (T=0.9, 4 samples) accuracy 0.49, usable 0.36 (share of prompts with a right and a wrong sample, i.e. a
+  verifier-labelled preference pair). 10,322 distinct questions. -> `add_2term`, weight 0.8.
+* Addition only, 3 terms, 1 digit: greedy 0.15, sampled 0.11, usable 0.30; 1,331 distinct questions. A harder
+  slice for DPO to move -> `add_3term`, weight 0.2 (800 questions at the default sizes; the builder stops
+  with a clear error if sizes ask for more than a config can give: above ~6,600 items in all).
+* Left out: subtraction (negative results are never right: hopeless), `products` with 1 digit (only 100
+  distinct questions), letter_counting (answer "1" in 82% of items), chain_sum / number_sorting /
+  leg_counting / spell_backward (near hopeless per NOTES.md).
 """
 from __future__ import annotations
 
@@ -43,27 +53,23 @@ from dpoflow.lm_eval_tasks.task_utils import extract_answer, is_numeric_answer
 
 SPLITS: tuple[str, ...] = ("eval", "heldout", "sft_val", "pref_prompts", "rounds", "sft_train")
 
-DEFAULT_SIZES: dict[str, int] = {
+DEFAULT_SIZES: dict[str, int] = {  # the same as params.yaml's data.sizes
     "eval": 200,          # Stage 7 win-rate prompts (and the lm-eval task-generation benchmark)
-    "heldout": 200,       # held-out pairs / KL prompts (and the lm-eval arithmetic multiple choice)
-    "sft_val": 200,
-    "pref_prompts": 1000,
-    "rounds": 1000,       # fresh prompts for iterative rounds
-    "sft_train": 2000,
+    "heldout": 100,       # held-out pairs / KL prompts (and the lm-eval arithmetic multiple choice)
+    "sft_val": 100,
+    "pref_prompts": 1600,
+    "rounds": 800,        # fresh prompts for iterative rounds
+    "sft_train": 1200,
 }
 
-_EASY_ADD_SUB = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+_ADDITION = {"operators": ["+"], "allow_parentheses": False, "allow_negation": False,
+             "format_style": "simple", "whitespace": "single"}
 
 DEFAULT_SPEC: dict[str, dict[str, Any]] = {
-    "basic_arithmetic": {
-        "weight": 0.8,
-        "config": {**_EASY_ADD_SUB, "operators": ["+", "-"], "allow_parentheses": False,
-                   "allow_negation": False, "format_style": "simple", "whitespace": "single"},
-    },
-    "chain_sum": {
-        "weight": 0.2,
-        "config": {**_EASY_ADD_SUB, "allow_negation": False},
-    },
+    "add_2term": {"dataset": "basic_arithmetic", "weight": 0.8,
+                  "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, **_ADDITION}},
+    "add_3term": {"dataset": "basic_arithmetic", "weight": 0.2,
+                  "config": {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1, **_ADDITION}},
 }
 
 # The prompt that worked best for SmolLM2-135M-Instruct (NOTES.md): the model's default system prompt made
@@ -94,8 +100,8 @@ def _generator_cached(task: str, config_json: str, seed: int, size: int):
     return reasoning_gym.create_dataset(task, seed=seed, size=size, **json.loads(config_json))
 
 
-def generator(task: str, config: Mapping[str, Any] | None = None, seed: int = 0, size: int = 1):
-    """The (cached) reasoning-gym dataset object for `task` with `config`.
+def generator(dataset: str, config: Mapping[str, Any] | None = None, seed: int = 0, size: int = 1):
+    """The (cached) reasoning-gym dataset object `dataset` with `config`.
 
     Scoring needs the dataset object only for its `score_answer`; building one per call would re-import
     and re-validate for every response, so objects are cached by (task, config, seed, size).
@@ -103,7 +109,7 @@ def generator(task: str, config: Mapping[str, Any] | None = None, seed: int = 0,
     config = dict(config or {})
     config.pop("seed", None)
     config.pop("size", None)
-    return _generator_cached(task, json.dumps(config, sort_keys=True), int(seed), int(size))
+    return _generator_cached(dataset, json.dumps(config, sort_keys=True), int(seed), int(size))
 
 
 def normalize_question(question: str) -> str:
@@ -135,9 +141,15 @@ def _json_safe(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str, allow_nan=False))
 
 
-def make_item(task: str, entry: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
-    """A task item from a reasoning-gym entry {question, answer, metadata}."""
+def make_item(task: str, entry: Mapping[str, Any], config: Mapping[str, Any],
+              dataset: str | None = None) -> dict[str, Any]:
+    """A task item from a reasoning-gym entry {question, answer, metadata} of `dataset` (default: `task`).
+
+    The generator's name and config go into the metadata so `score` can rebuild the checker from the item
+    alone (a split file read back is all a judge needs).
+    """
     metadata = _json_safe(dict(entry.get("metadata") or {}))
+    metadata["dataset"] = dataset or task
     metadata["task_config"] = _json_safe(dict(config))
     return {
         "id": _item_id(task, entry["question"]),
@@ -163,8 +175,8 @@ def score(item: Mapping[str, Any], response: str) -> float:
     extracted = extract_answer(response, numeric)
     if extracted is None:
         return 0.0
-    config = (item.get("metadata") or {}).get("task_config") or {}
-    dataset = generator(item["task"], config)
+    metadata = item.get("metadata") or {}
+    dataset = generator(metadata.get("dataset") or item["task"], metadata.get("task_config") or {})
     entry = {"question": item["question"], "answer": answer, "metadata": item.get("metadata") or {}}
     value = float(dataset.score_answer(extracted, entry))
     if numeric and value < 1.0:
@@ -172,9 +184,24 @@ def score(item: Mapping[str, Any], response: str) -> float:
     return min(1.0, max(0.0, value))
 
 
-def sft_target(item: Mapping[str, Any]) -> str:
-    """The SFT completion: the bare correct answer, which is exactly what the prompt asks for."""
-    return str(item["answer"]).strip()
+def sft_target(item: Mapping[str, Any], style: str = "equation") -> str:
+    """The SFT completion: short, correct, final number last (so `score` reads it back as 1.0).
+
+    style="equation" (default): "<expression> = <answer>" when the item has an arithmetic expression, e.g.
+    "34 + 29 = 63"; the bare answer otherwise. style="answer": always the bare answer.
+    Why the equation although the prompt asks for "only the final number": SmolLM2-135M computes by writing
+    the equation out. With 3 in-context examples answered by the bare number it scored 0.02 (it copies the
+    examples' numbers); answered by the equation 0.35-0.57 (numbers in the module docstring).
+    """
+    answer = str(item["answer"]).strip()
+    if style == "answer":
+        return answer
+    if style != "equation":
+        raise ValueError(f"sft_target: style must be 'equation' or 'answer', got {style!r}")
+    expression = (item.get("metadata") or {}).get("expression")
+    if isinstance(expression, str) and re.fullmatch(r"[\d\s+\-*/()]+", expression) and is_numeric_answer(answer):
+        return f"{expression.strip()} = {answer}"
+    return answer
 
 
 def make_prompt(question: str, system_prompt: str | None = SYSTEM_PROMPT,
@@ -198,9 +225,8 @@ def item_prompt(item: Mapping[str, Any], system_prompt: str | None = SYSTEM_PROM
 # ---- splits ------------------------------------------------------------------------------------------
 
 def validate_spec(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Check a task mix {task: {"weight": float > 0, "config": dict}} and return normalized weights.
-
-    Raises ValueError naming the offending task and field.
+    """Check a task mix {task: {"weight": float > 0, "config": dict, "dataset": str}} and normalize it:
+    weights summed to 1, `dataset` filled in. Raises ValueError naming the offending task and field.
     """
     import reasoning_gym
 
@@ -208,11 +234,12 @@ def validate_spec(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, 
         raise ValueError("task spec is empty: give at least one reasoning-gym task")
     out: dict[str, dict[str, Any]] = {}
     for task, entry in spec.items():
-        if task not in reasoning_gym.factory.DATASETS:
-            raise ValueError(f"task spec: unknown reasoning-gym task {task!r}")
         if not isinstance(entry, Mapping):
             raise ValueError(f"task spec: {task}: expected a mapping with 'weight' and 'config'")
-        unknown = set(entry) - {"weight", "config"}
+        dataset = entry.get("dataset", task)
+        if dataset not in reasoning_gym.factory.DATASETS:
+            raise ValueError(f"task spec: {task}: unknown reasoning-gym dataset {dataset!r}")
+        unknown = set(entry) - {"weight", "config", "dataset"}
         if unknown:
             raise ValueError(f"task spec: {task}: unknown field(s) {sorted(unknown)}")
         weight = entry.get("weight", 1.0)
@@ -222,10 +249,10 @@ def validate_spec(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, 
         if "seed" in config or "size" in config:
             raise ValueError(f"task spec: {task}.config must not set seed/size (derived from the split seed)")
         try:
-            generator(task, config)  # validates the config through reasoning-gym's own checks
+            generator(dataset, config)  # validates the config through reasoning-gym's own checks
         except (TypeError, AssertionError, ValueError) as exc:
             raise ValueError(f"task spec: {task}.config is invalid: {exc}") from exc
-        out[task] = {"weight": float(weight), "config": config}
+        out[task] = {"weight": float(weight), "config": config, "dataset": dataset}
     total = sum(e["weight"] for e in out.values())
     for e in out.values():
         e["weight"] /= total
@@ -245,9 +272,9 @@ def _allocate(n: int, weights: Mapping[str, float]) -> dict[str, int]:
 class _DistinctStream:
     """A task's seeded question stream, skipping questions already used anywhere (shared `seen` set)."""
 
-    def __init__(self, task: str, config: dict, seed: int, budget: int, seen: set[str]):
-        self.task, self.config, self.budget, self.seen = task, config, budget, seen
-        self.dataset = generator(task, config, seed=_task_seed(seed, task), size=budget)
+    def __init__(self, task: str, dataset: str, config: dict, seed: int, budget: int, seen: set[str]):
+        self.task, self.dataset_name, self.config, self.budget, self.seen = task, dataset, config, budget, seen
+        self.dataset = generator(dataset, config, seed=_task_seed(seed, task), size=budget)
         self.index = 0
         self.taken = 0
 
@@ -258,7 +285,7 @@ class _DistinctStream:
                 raise ValueError(
                     f"task {self.task!r} with config {self.config} gave only {self.taken + len(items)} distinct "
                     f"questions in {self.budget} draws; lower its weight or the split sizes, or widen its config")
-            item = make_item(self.task, self.dataset[self.index], self.config)
+            item = make_item(self.task, self.dataset[self.index], self.config, self.dataset_name)
             self.index += 1
             keys = dedup_keys(item)
             if any(k in self.seen for k in keys):
@@ -311,7 +338,8 @@ def build_splits(spec: Mapping[str, Mapping[str, Any]] | None = None,
     per_split = {name: _allocate(sizes.get(name, 0), weights) for name in SPLITS}
     needed = {t: sum(per_split[s][t] for s in SPLITS) for t in spec}
     seen: set[str] = set()
-    streams = {t: _DistinctStream(t, spec[t]["config"], seed, _DRAWS_PER_QUESTION * needed[t] + _EXTRA_DRAWS, seen)
+    streams = {t: _DistinctStream(t, spec[t]["dataset"], spec[t]["config"], seed,
+                                  _DRAWS_PER_QUESTION * needed[t] + _EXTRA_DRAWS, seen)
                for t in sorted(spec)}
 
     splits: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}

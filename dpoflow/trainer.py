@@ -6,9 +6,10 @@
         grads = clip(grads); optimizer.update(model, grads)
         log aux to dvclive; every N steps: evaluate, checkpoint (atomic)
 
-A checkpoint holds the trainable parameters, the optimizer state, the step, the RNG state and the metric
-history, so a killed run resumes where it stopped and ends with the same final metrics as an uninterrupted one.
-Non-finite loss or gradients stop training with `TrainingDiverged`; the last good checkpoint stays on disk.
+A checkpoint holds the trainable parameters, the optimizer state, the step and the metric history; the random
+state is re-seeded from (seed, step) at every step, so a killed run resumes where it stopped and ends with the same
+final metrics as an uninterrupted one. Non-finite loss or gradients stop training with `TrainingDiverged`; the last
+good checkpoint stays on disk. An `evaluate` callback may raise `StopTraining` to end training early and cleanly.
 """
 from __future__ import annotations
 
@@ -35,6 +36,19 @@ class TrainingDiverged(RuntimeError):
     """Loss or gradients became NaN/Inf."""
 
 
+class StopTraining(Exception):
+    """Raised by an `evaluate` callback to end training after the current step (e.g. the DPO KL check).
+
+    `metrics` (the evaluation that triggered the stop) are recorded like any evaluation; train() then returns
+    normally with `TrainResult.stopped = reason`. No checkpoint is written for the stopping step.
+    """
+
+    def __init__(self, reason: str, metrics: Optional[dict[str, float]] = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.metrics = dict(metrics or {})
+
+
 @dataclass
 class TrainConfig:
     steps: int
@@ -53,11 +67,12 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    steps: int
+    steps: int                                             # optimizer steps done (== cfg.steps unless stopped)
     history: list[dict] = field(default_factory=list)      # one dict of floats per step
     evals: list[dict] = field(default_factory=list)        # one dict per evaluation (with "step")
     resumed_from: int = 0
     seconds: float = 0.0
+    stopped: Optional[str] = None                          # StopTraining reason, None if all steps ran
 
 
 def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
@@ -87,13 +102,12 @@ def is_main_process() -> bool:
 # ---------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer, step: int, history: list[dict],
                     evals: list[dict], fingerprint: str = "") -> None:
-    """Atomically write trainable weights, optimizer state, step, RNG state and history to `path`."""
+    """Atomically write trainable weights, optimizer state, step and history to `path`."""
     with io.atomic_path(path) as tmp:
         tmp.mkdir()
         mx.save_safetensors(str(tmp / "trainable.safetensors"), dict(tree_flatten(model.trainable_parameters())))
         opt_state = dict(tree_flatten(optimizer.state))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), {k: v for k, v in opt_state.items() if isinstance(v, mx.array)})
-        mx.save_safetensors(str(tmp / "rng.safetensors"), {"key": mx.random.state[0]})
         io.write_json(tmp / "state.json", {"step": step, "history": history, "evals": evals, "fingerprint": fingerprint})
 
 
@@ -101,8 +115,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer) ->
     state = io.read_json(path / "state.json")
     model.load_weights(list(mx.load(str(path / "trainable.safetensors")).items()), strict=False)
     optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
-    mx.random.state[0] = mx.load(str(path / "rng.safetensors"))["key"]
     return int(state["step"]), state["history"], state["evals"]
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The random seed of optimizer step `step`: a resumed run needs no saved random state (mlx 0.32 cannot
+    restore one anyway: `mx.random.state` is read-only)."""
+    return (int(seed) * 1_000_003 + int(step)) % (2**63)
 
 
 def _log_step(live: Any, metrics: dict, evals: list[dict]) -> None:
@@ -134,12 +153,15 @@ def train(
     evaluate: Optional[Callable[[int], dict[str, float]]] = None,
     live: Any = None,
     tokens_in: Callable[[Batch], int] = lambda b: 0,
+    on_step: Optional[Callable[[int, dict], None]] = None,
 ) -> TrainResult:
     """Train `model`'s trainable parameters for cfg.steps optimizer steps.
 
     batch_at(step, micro) returns the micro-batch `micro` of optimizer step `step` (deterministic).
     loss_fn(model, batch) returns (scalar loss, aux metrics). evaluate(step) returns metrics to log; it may raise
-    to stop training early (e.g. the DPO KL check). live is a dvclive.Live (or None).
+    to stop training early: StopTraining ends it cleanly (train returns), any other exception propagates.
+    live is a dvclive.Live (or None). on_step(step, metrics) runs at the end of every completed step (after its
+    checkpoint, if any); an exception raised there propagates (tests use it to simulate a killed run).
     """
     mx.random.seed(cfg.seed)
     optimizer = make_optimizer(cfg)
@@ -157,8 +179,10 @@ def train(
     mx.reset_peak_memory()
     bar = tqdm(range(start, cfg.steps), desc=cfg.desc, initial=start, total=cfg.steps, unit="step",
                dynamic_ncols=True, disable=not is_main_process())
+    stopped: Optional[str] = None
     for step in bar:
         step_start = time.perf_counter()
+        mx.random.seed(step_seed(cfg.seed, step))
         grads_sum, aux_sum, n_tokens = None, {}, 0
         for micro in range(cfg.grad_accumulation):
             batch = batch_at(step, micro)
@@ -186,20 +210,29 @@ def train(
         seconds = time.perf_counter() - step_start
         metrics["learning_rate"] = float(optimizer.learning_rate.item())
         metrics["tokens_per_sec"] = n_tokens / seconds if n_tokens else 0.0
+        metrics["step_seconds"] = seconds
         metrics["peak_memory_gb"] = mx.get_peak_memory() / 1e9
         metrics["step"] = step + 1
         history.append(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}")
         done = step + 1 == cfg.steps
         if evaluate is not None and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-            evals.append({"step": step + 1, **evaluate(step + 1)})
+            try:
+                evals.append({"step": step + 1, **evaluate(step + 1)})
+            except StopTraining as stop:
+                evals.append({"step": step + 1, **stop.metrics})
+                stopped = stop.reason
         if live is not None and is_main_process():
             _log_step(live, metrics, [e for e in evals if e["step"] == step + 1])
+        if stopped is not None:
+            break
         if ckpt is not None and is_main_process() and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not done:
             save_checkpoint(ckpt, model, optimizer, step + 1, history, evals, cfg.fingerprint)
+        if on_step is not None:
+            on_step(step + 1, metrics)
     bar.close()
-    return TrainResult(steps=cfg.steps, history=history, evals=evals, resumed_from=start,
-                       seconds=time.perf_counter() - t0)
+    return TrainResult(steps=history[-1]["step"] if history else start, history=history, evals=evals,
+                       resumed_from=start, seconds=time.perf_counter() - t0, stopped=stopped)
 
 
 def clear_checkpoint(cfg: TrainConfig) -> None:

@@ -25,7 +25,6 @@ import re
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from dpoflow.data import (
@@ -122,19 +121,19 @@ class _EvalIndex:
             cached = self._cache[text] = (long, short, whole)
         return cached
 
-    def matches(self, texts: list[str]) -> list[str]:
-        """Names of the eval sets that any of `texts` overlaps."""
-        grams = [self._grams(text) for text in texts]
-        hit = []
-        for name in self.long:
-            for long, short, whole in grams:
-                if (not long.isdisjoint(self.long[name])
-                        or any(not short[k].isdisjoint(hashes) for k, hashes in self.short[name].items()
+    def matches(self, texts: list[tuple[str, str]]) -> dict[str, str]:
+        """For each eval set that one of the (field, text) pairs overlaps: the first such field."""
+        grams = [(name, self._grams(text)) for name, text in texts]
+        hits = {}
+        for eval_set in self.long:
+            for field_name, (long, short, whole) in grams:
+                if (not long.isdisjoint(self.long[eval_set])
+                        or any(not short[k].isdisjoint(hashes) for k, hashes in self.short[eval_set].items()
                                if k in short)
-                        or whole in self.exact[name]):
-                    hit.append(name)
+                        or whole in self.exact[eval_set]):
+                    hits[eval_set] = field_name
                     break
-        return hit
+        return hits
 
 
 def _windows(tokens: list[str], k: int) -> set[int]:
@@ -271,11 +270,13 @@ def validate_dpo_pairs(
         index = _EvalIndex(eval_texts, ngram)
         clean = []
         for item in unique:
-            texts = [m["content"] for m in item.pair["prompt"]] + [item.pair["chosen"], item.pair["rejected"]]
+            texts = [(f"prompt[{i}].content", m["content"]) for i, m in enumerate(item.pair["prompt"])]
+            texts += [("chosen", item.pair["chosen"]), ("rejected", item.pair["rejected"])]
             hits = index.matches(texts)
             if hits:
-                contaminated.append({"id": item.pair["id"], "location": item.location, "eval_sets": hits})
-                remove(item, "prompt", f"contaminated: {', '.join(hits)}")
+                contaminated.append({"id": item.pair["id"], "location": item.location,
+                                     "eval_sets": list(hits), "fields": list(hits.values())})
+                remove(item, next(iter(hits.values())), f"contaminated: {', '.join(hits)}")
             else:
                 clean.append(item)
     decontamination = 1.0 - len(contaminated) / len(unique) if unique else 1.0

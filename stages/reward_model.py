@@ -64,7 +64,8 @@ def main(params_path: str) -> None:
     shutil.rmtree(CHECKPOINT, ignore_errors=True)  # artifacts are written: nothing left to resume
     flag = " OVERFITTING" if result["overfit"] else ""
     click.echo(f"reward model: train_accuracy {result['train_accuracy']:.3f}, val_accuracy "
-               f"{result['val_accuracy']:.3f} (n_val {result['n_val']}), overfit_gap {result['overfit_gap']:.3f}{flag}, "
+               f"{result['val_accuracy']:.3f} (n_val {result['n_val']}), "
+               f"overfit_gap {result['overfit_gap']:.3f}{flag}, "
                f"val_margin_mean {result['val_margin_mean']:.3f}, contradictions {result['n_contradictions']}")
 
 

@@ -141,13 +141,15 @@ def test_planted_overlap_is_found_and_removed():
                                                                               ("<pairs>:3", ["arith"])]
     assert result.decontamination == pytest.approx(0.5)  # measured before removal
     assert reasons(result) == [("<pairs>:1", "contaminated: gsm"), ("<pairs>:3", "contaminated: arith")]
+    assert [q["field"] for q in result.quarantined] == ["prompt[0].content", "prompt[0].content"]
     assert result.n_pairs == 2
     assert not result.passed["decontamination"]
 
 
 def test_overlap_in_a_response_counts():
     rows = [plain("Tell me a story.", "Natalia sold clips to 48 of her friends in April and so on", "No.")]
-    assert validate(rows, eval_texts=EVAL).n_contaminated == 1
+    result = validate(rows, eval_texts=EVAL)
+    assert result.contaminated[0]["fields"] == ["chosen"] and result.quarantined[0]["field"] == "chosen"
 
 
 def test_short_eval_text_needs_the_whole_sequence():

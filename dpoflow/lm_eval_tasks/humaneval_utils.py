@@ -79,3 +79,10 @@ def check_completion(problem: dict, completion: str, timeout: float = TIMEOUT_S)
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     """lm-eval hook: greedy single sample, so pass@1 is just pass/fail of that sample."""
     return {"pass_at_1": float(check_completion(doc, results[0]))}
+
+
+def process_results_instruct(doc: dict, results: list[str]) -> dict[str, float]:
+    """lm-eval hook for the chat variant: the answer continues the function inside a ```python block
+    (the prompt is the assistant's prefix), so the completion ends at the closing fence."""
+    completion = results[0].split("```", 1)[0]
+    return {"pass_at_1": float(check_completion(doc, completion))}

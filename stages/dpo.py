@@ -1,0 +1,77 @@
+"""Stage 5: DPO. Trains the Stage 3 policy on data/pairs.parquet against the cached reference log-probs, checks the
+held-out KL every dpo.kl_every steps (over dpo.kl_target: lower the learning rate and retry from Stage 3), and
+writes the trained policy, the metrics the gate reads, and the training curves."""
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+
+import click
+import mlx.core as mx
+from dvclive import Live
+
+from dpoflow import io, tasks
+from dpoflow.data import read_pairs
+from dpoflow.dpo import train_dpo
+from dpoflow.params import load_params
+from dpoflow.policy import kl_prompt_messages, load_policy, read_ref_logps, save_policy
+
+SFT = Path("models/sft")
+POLICY_INIT = Path("models/policy_init")
+REF_LOGPS = Path("data/ref_logps.safetensors")
+PAIRS = {"train": Path("data/pairs.parquet"), "heldout": Path("data/heldout_pairs.parquet")}
+HELDOUT_TASKS = Path("data/tasks/heldout.jsonl")
+OUT = Path("models/dpo")
+CHECKPOINT = Path("checkpoints/dpo")  # resume point of a killed run (not a DVC output)
+# The dpo.* keys this stage reads (dvc.yaml lists exactly these); lora_*/finetune belong to Stage 3 (policy_init),
+# max_kl/min_heldout_gap to gate_dpo.
+DPO_KEYS = ("loss_type", "label_smoothing", "length_normalize", "sft_weight", "beta", "learning_rate",
+            "grad_accumulation", "warmup_steps", "max_grad_norm", "max_steps", "checkpoint_every", "kl_every",
+            "kl_target", "lr_backoff", "max_retries")
+
+
+def _files_hash(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if f.is_file():
+                digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+def main(params_path: str) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")  # the library's warnings
+    p = load_params(params_path)
+    chip, batch_size = p.resolved_batch_size()
+    click.echo(f"chip {chip}: batch size {batch_size}")
+    mx.random.seed(p.seed)
+    policy = load_policy(SFT, POLICY_INIT, dtype=p.model.dtype)  # refuses a stale policy_init / other architecture
+    pairs = {split: read_pairs(path) for split, path in PAIRS.items()}
+    cache = read_ref_logps(REF_LOGPS, pairs, max_len=p.preference.max_seq_len, reference_hash=policy.reference_hash)
+    prompts = kl_prompt_messages(tasks.read_split(HELDOUT_TASKS), p.init.kl_prompts, p.data.system_prompt)
+    dpo_params = {k: getattr(p.dpo, k) for k in DPO_KEYS}
+    kl_settings = (p.init.kl_prompts, p.init.kl_samples, p.init.kl_max_tokens)
+    fingerprint = repr((dpo_params, p.seed, batch_size, p.model.dtype, p.preference.max_seq_len, kl_settings,
+                        p.data.system_prompt, _files_hash(POLICY_INIT, REF_LOGPS, *PAIRS.values())))
+    with Live("dvclive/dpo", save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        result = train_dpo(
+            policy.model, policy.tokenizer, pairs["train"], cache["train"], pairs["heldout"], cache["heldout"],
+            prompts, p.dpo, batch_size, p.seed, live, CHECKPOINT, reference=policy.reference,
+            fingerprint=fingerprint, max_len=p.preference.max_seq_len, kl_samples=p.init.kl_samples,
+            kl_max_tokens=p.init.kl_max_tokens)
+    save_policy(policy, OUT)
+    io.write_json("metrics/dpo.json", {**result.metrics, "finetune": policy.finetune, "chip": chip,
+                                       "batch_size": batch_size, "reference_hash": policy.reference_hash})
+    io.write_json("metrics/perf/dpo.json", {**result.perf, "chip": chip, "batch_size": batch_size})
+    shutil.rmtree(CHECKPOINT, ignore_errors=True)  # artifacts are written: nothing left to resume
+    m = result.metrics
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    click.echo(f"DPO: KL {fmt(m['kl'])} (target {p.dpo.kl_target:g}, {m['n_attempts']} attempt(s), final lr "
+               f"{m['learning_rate']:.3g}), held-out gap {fmt(m['heldout_gap'])}, "
+               f"accuracy {fmt(m['heldout_accuracy'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Stage 7: evaluation, report and deploy decision.
+
+    python stages/evaluate.py                      # DVC stage `evaluate`: export models/final (adapters fused),
+                                                   # benchmarks -> retention, win rate + CI vs SFT, KL, held-out gap,
+                                                   # contamination audit, blind human-eval sheet; metrics/evaluate.json
+    python stages/evaluate.py --decide             # DVC stage `gate_evaluate` (before stages/gate.py evaluate):
+                                                   # reports/deploy.json, report.md, report.html (reads the thresholds)
+    python stages/evaluate.py --human-ratings reports/human_eval_sheet.csv [--key reports/human_eval_key.json]
+                                                   # import filled-in human ratings: the same win-rate function;
+                                                   # prints it and writes metrics/human_eval.json
+
+The measuring run reads no threshold (editing one re-runs only the light decision + gate); `--decide` applies
+gates.gate_checks("evaluate") and always writes the report, also when the gate then fails.
+"""
+import time
+from pathlib import Path
+
+import click
+import mlx.core as mx
+
+from dpoflow import benchmarks, io, judges, models, tasks
+from dpoflow.data import read_pairs
+from dpoflow.evaluate import export_final, export_human_sheet, import_human_ratings, run_evaluation
+from dpoflow.params import load_params
+from dpoflow.policy import kl_prompt_messages, read_ref_logps
+from dpoflow.preference import collect_eval_texts
+from dpoflow.report import write_report
+
+SFT = Path("models/sft")
+SELECTED = Path("models/selected")
+FINAL = Path("models/final")
+REWARD = Path("models/reward")
+SPLITS = Path("data/tasks")
+PAIRS = Path("data/pairs.parquet")
+ROUND_PAIRS = Path("data/rounds")
+HELDOUT_PAIRS = Path("data/heldout_pairs.parquet")
+REF_LOGPS = Path("data/ref_logps.safetensors")
+JUDGMENTS = Path("data/evaluation/judgments.jsonl")
+SHEET = Path("reports/human_eval_sheet.csv")
+KEY = Path("reports/human_eval_key.json")
+
+
+def _measure(p) -> None:
+    chip, batch_size = p.resolved_batch_size()
+    click.echo(f"chip {chip}: batch size {batch_size}")
+    mx.random.seed(p.seed)
+    t0 = time.perf_counter()
+    info = export_final(SFT, SELECTED, FINAL, dtype=p.model.dtype)
+    click.echo(f"exported round {info['selected_round']} -> {FINAL} (standalone mlx-lm folder, adapters fused)")
+    t1 = time.perf_counter()
+    bench = benchmarks.run_benchmarks(FINAL, p.benchmarks.tasks, include_path=SPLITS / "lm_eval",
+                                      limit=p.benchmarks.limit, seed=p.seed, batch_size=p.benchmarks.batch_size)
+    final_scores = {name: r["score"] for name, r in bench.items()}
+    baseline = io.read_json("metrics/sft.json").get("benchmarks") or {}
+    t2 = time.perf_counter()
+
+    final_model, tokenizer = models.load_model(FINAL, dtype=p.model.dtype)  # loads exactly what is shipped
+    sft_model, _ = models.load_model(SFT, dtype=p.model.dtype)
+    final_model.freeze()
+    sft_model.freeze()
+    pp = p.preference
+    judge_name = pp.judge if pp.judge != "import" else "verifier"  # import labels nothing new: the task verifier
+    judge = judges.make_judge(judge_name, batch_size=batch_size, reward_model_path=REWARD)
+    items = tasks.read_split(SPLITS / "eval.jsonl")[: p.evaluate.win_rate_prompts]
+    heldout_items = tasks.read_split(SPLITS / "heldout.jsonl")
+    heldout_pairs = read_pairs(HELDOUT_PAIRS)
+    heldout_cache = read_ref_logps(REF_LOGPS, {"heldout": heldout_pairs}, max_len=pp.max_seq_len,
+                                   reference_hash=models.model_hash(SFT))["heldout"]
+    pair_sets = {str(PAIRS): read_pairs(PAIRS)}
+    for path in sorted(ROUND_PAIRS.glob("round_*.parquet")):
+        pair_sets[str(path)] = read_pairs(path)
+    template_items = tasks.read_split(SPLITS / "pref_prompts.jsonl") + tasks.read_split(SPLITS / "rounds.jsonl")
+    eval_texts = collect_eval_texts(SPLITS, template_items=template_items)
+    metrics, judgments, perf = run_evaluation(
+        final_model=final_model, sft_model=sft_model, tokenizer=tokenizer, items=items,
+        system_prompt=p.data.system_prompt or None, judge=judge, max_tokens=pp.max_tokens,
+        kl_prompts=kl_prompt_messages(heldout_items, p.init.kl_prompts, p.data.system_prompt),
+        kl_samples=p.init.kl_samples, kl_max_tokens=p.init.kl_max_tokens, seed=p.seed, heldout_pairs=heldout_pairs,
+        heldout_sft_logps=heldout_cache, beta=p.dpo.beta, length_normalize=p.dpo.length_normalize,
+        max_len=pp.max_seq_len, batch_size=batch_size, final_benchmarks=final_scores, baseline_benchmarks=baseline,
+        pair_sets=pair_sets, eval_texts=eval_texts, ngram=pp.decontamination_ngram,
+        bootstrap_samples=p.evaluate.bootstrap_samples,
+        judge_name=judge_name if judge_name == pp.judge else "verifier (preference.judge is import)")
+    io.write_jsonl(JUDGMENTS, judgments)
+    export_human_sheet(judgments, SHEET, KEY, p.evaluate.human_eval_sheet, seed=p.seed,
+                       bootstrap_samples=p.evaluate.bootstrap_samples,
+                       meta={"final": str(FINAL), "baseline": str(SFT), "prompts": str(SPLITS / "eval.jsonl")})
+    io.write_json("metrics/evaluate.json", {**metrics, "selected_round": info["selected_round"],
+                                            "selected_reference": info["reference"],
+                                            "final_model_hash": info["model_hash"], "chip": chip,
+                                            "batch_size": batch_size})
+    io.write_json("metrics/perf/evaluate.json", {**perf, "export_seconds": t1 - t0, "benchmark_seconds": t2 - t1,
+                                                 "total_seconds": time.perf_counter() - t0, "chip": chip,
+                                                 "batch_size": batch_size})
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    click.echo(f"evaluate: retention {fmt(metrics['retention'])} %, win rate {fmt(metrics['win_rate'])} "
+               f"[{fmt(metrics['win_rate_ci_low'])}, {fmt(metrics['win_rate_ci_high'])}], KL {fmt(metrics['kl'])}, "
+               f"held-out gap {fmt(metrics['heldout_gap'])}, contaminated pairs {metrics['contaminated_pairs']}")
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--decide", is_flag=True, help="Write reports/deploy.json, report.md and report.html from the metrics.")
+@click.option("--human-ratings", "ratings", type=click.Path(exists=True, dir_okay=False),
+              help="A filled-in human_eval_sheet.csv: print the human win rate (same function as the automatic one).")
+@click.option("--key", "key_path", default=str(KEY), show_default=True, type=click.Path(dir_okay=False),
+              help="The sheet's key (which side is which model), for --human-ratings.")
+def main(params_path: str, decide: bool, ratings: str | None, key_path: str) -> None:
+    p = load_params(params_path)
+    if ratings:
+        result = import_human_ratings(ratings, key_path)
+        io.write_json("metrics/human_eval.json", result)
+        fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+        click.echo(f"human win rate {fmt(result['win_rate'])} [{fmt(result['ci_low'])}, {fmt(result['ci_high'])}] "
+                   f"from {result['rated']} rated rows ({result['wins']} wins, {result['ties']} ties, "
+                   f"{result['losses']} losses; {result['unrated']} not rated) -> metrics/human_eval.json")
+        ok = result["ci_low"] is not None and result["ci_low"] > p.evaluate.min_win_rate_lower
+        click.echo("alignment improved by human judgment (lower bound > evaluate.min_win_rate_lower)" if ok else
+                   "no clear improvement by human judgment (lower bound <= evaluate.min_win_rate_lower)")
+        return
+    if decide:
+        deploy = write_report(Path("."), p)
+        click.echo(f"deploy: {str(deploy['deploy']).lower()} -> reports/deploy.json, reports/report.html")
+        for reason in deploy["reasons"]:
+            click.echo(f"  - {reason}")
+        if deploy.get("rollback"):
+            click.echo(f"  rollback: {deploy['rollback']['prescription']}")
+        return
+    _measure(p)
+
+
+if __name__ == "__main__":
+    main()

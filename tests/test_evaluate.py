@@ -1,0 +1,304 @@
+"""Tests for dpoflow.evaluate and dpoflow.report (Stage 7): retention, win rate with ties and a bootstrap interval,
+the blind human sheet round trip, the contamination audit, the deploy decision and the report."""
+import csv
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dpoflow import data, io, tasks
+from dpoflow.evaluate import (deploy_decision, export_human_sheet, find_contaminated_pairs, import_human_ratings,
+                              last_good_round, outcome_of, pairwise_judgments, read_human_ratings, retention, win_rate)
+from dpoflow.judges import Judge
+from dpoflow.params import CHIPS, parse_params
+from dpoflow.report import bar_chart, line_chart, read_tsv, write_report
+from dpoflow.training_metrics import validate_dpo_pairs
+
+SYSTEM = "Reply with only the final answer."
+
+
+def params(**sections):
+    return parse_params({"batch_size": {c: 4 for c in CHIPS}, **sections})
+
+
+# ------------------------------------------------------------------------------------------------ retention
+
+
+def test_retention_per_benchmark_and_overall():
+    out = retention({"a": 0.45, "b": 0.30, "c": 0.0, "d": 0.2},
+                    {"a": 0.50, "b": 0.30, "c": 0.0, "d": 0.0, "e": 0.4})
+    per = out["retention_per_benchmark"]
+    assert per["a"] == pytest.approx(90.0) and per["b"] == pytest.approx(100.0)
+    assert per["c"] == 100.0          # 0 -> 0: nothing lost
+    assert per["d"] is None           # 0 -> 0.2: a gain from nothing, no ratio, not counted
+    assert per["e"] == 0.0            # not measured on the final model: fail-safe 0
+    assert out["counted"] == ["a", "b", "c", "e"]
+    assert out["retention"] == pytest.approx((90 + 100 + 100 + 0) / 4)
+    assert out["lowest_benchmark"] == "e"
+    assert any("d:" in n and "gain" in n for n in out["notes"])
+
+
+def test_retention_edge_cases():
+    assert retention({"a": 0.3}, {"a": 0.0})["retention"] == 100.0  # only gains
+    assert retention({}, {})["retention"] is None                  # nothing to compare: the gate fails
+    assert retention({"a": 0.6}, {"a": 0.4})["retention"] == pytest.approx(150.0)
+
+
+# ------------------------------------------------------------------------------------------------ win rate
+
+
+def test_win_rate_ties_count_half_and_known_interval():
+    outcomes = [1.0] * 60 + [0.5] * 20 + [0.0] * 20
+    out = win_rate(outcomes, bootstrap_samples=4000, seed=0)
+    assert (out["wins"], out["ties"], out["losses"], out["n"]) == (60, 20, 20, 100)
+    assert out["win_rate"] == pytest.approx(0.7)
+    # outcome variance 0.65 - 0.49 = 0.16 -> standard error 0.04 -> 95% interval ~ 0.7 +- 0.078
+    assert out["ci_low"] == pytest.approx(0.7 - 1.96 * 0.04, abs=0.015)
+    assert out["ci_high"] == pytest.approx(0.7 + 1.96 * 0.04, abs=0.015)
+    assert win_rate(outcomes, bootstrap_samples=4000, seed=0) == out                     # seeded
+    assert win_rate(list(reversed(outcomes)), bootstrap_samples=4000, seed=0) == out     # order-free
+    assert win_rate([1.0, 0.5, 0.0], 500)["win_rate"] == 0.5
+    assert win_rate([0.5] * 10, 500)[("ci_low")] == 0.5                                 # all ties: exactly 1/2
+    all_wins = win_rate([1.0] * 5, 500)
+    assert (all_wins["win_rate"], all_wins["ci_low"], all_wins["ci_high"]) == (1.0, 1.0, 1.0)
+    assert win_rate([], 500)["win_rate"] is None
+    with pytest.raises(ValueError, match="0, 0.5 or 1"):
+        win_rate([0.7])
+
+
+def test_alignment_improved_only_when_the_interval_clears_one_half():
+    p = params()
+    base = {"retention": 100.0, "kl": 0.01, "heldout_gap": 0.3, "contaminated_pairs": 0}
+    clear = win_rate([1.0] * 70 + [0.0] * 30, 2000)
+    unclear = win_rate([1.0] * 11 + [0.0] * 9, 2000)   # 0.55 but the interval includes 0.5
+    assert deploy_decision({**base, "win_rate_ci_low": clear["ci_low"]}, p)["deploy"] is True
+    decision = deploy_decision({**base, "win_rate_ci_low": unclear["ci_low"]}, p)
+    assert decision["deploy"] is False and decision["failed"] == ["win_rate_ci_low"]
+
+
+class StubJudge(Judge):
+    name = "stub"
+
+    def score(self, items, prompts, responses):
+        return [[float(len(t)) for t in texts] for texts in responses]
+
+
+def test_pairwise_judgments_outcomes():
+    prompts = [tasks.make_prompt(f"q{i}", SYSTEM) for i in range(4)]
+    j = pairwise_judgments(StubJudge(), [None] * 4, prompts, ["long answer", "a", "same", "xy"],
+                           ["short", "bbb", "same", "ab"])
+    assert [x["outcome"] for x in j] == [1.0, 0.0, 0.5, 0.5]  # longer wins; identical text; equal score
+    assert outcome_of(0.2, 0.2) == 0.5 and outcome_of(1.0, 0.0) == 1.0 and outcome_of(0.0, 1.0) == 0.0
+
+
+def test_verifier_judged_win_rate_on_task_items():
+    from dpoflow.judges import make_judge
+
+    items = [{"id": f"i{a}", "task": "basic_arithmetic", "question": f"{a} + 1 =", "answer": str(a + 1),
+              "metadata": {"task_config": {}}} for a in range(3)]
+    prompts = [tasks.item_prompt(it, SYSTEM) for it in items]
+    j = pairwise_judgments(make_judge("verifier"), items, prompts, ["1", "2", "7"], ["0", "2", "3"])
+    assert [x["outcome"] for x in j] == [1.0, 0.5, 0.0]
+
+
+# ------------------------------------------------------------------------------------------------ human sheet
+
+
+def synthetic_judgments(n=40):
+    out = []
+    for i in range(n):
+        outcome = (1.0, 0.5, 0.0)[i % 3] if i % 5 else 1.0
+        out.append({"index": i, "id": f"q{i}", "prompt": tasks.make_prompt(f"What is {i} + {i}?", SYSTEM),
+                    "final": f"reply {i} one", "baseline": f"reply {i} two", "score_final": outcome,
+                    "score_baseline": 0.5, "outcome": outcome})
+    return out
+
+
+def fill_sheet(sheet, key, judgments, blank_rows=()):
+    """A rater who agrees with the automatic judge: picks the side the key says is the better model."""
+    key_rows = io.read_json(key)["rows"]
+    with open(sheet, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        if row["row"] in blank_rows:
+            continue
+        entry = key_rows[row["row"]]
+        outcome = judgments[entry["index"]]["outcome"]
+        if outcome == 0.5:
+            row["preference"] = "tie"
+        else:
+            winner = "final" if outcome == 1.0 else "baseline"
+            row["preference"] = "A" if entry["a"] == winner else "b"  # case-insensitive
+    with open(sheet, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_human_sheet_round_trip_gives_the_automatic_win_rate(tmp_path):
+    judgments = synthetic_judgments(40)
+    sheet, key = tmp_path / "sheet.csv", tmp_path / "key.json"
+    export_human_sheet(judgments, sheet, key, n_rows=40, seed=3, bootstrap_samples=1500)
+    text = sheet.read_text().lower().replace("only the final number", "")
+    assert "final" not in text and "baseline" not in text and "sft" not in text  # no model identity in the sheet
+    with open(sheet, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["row", "prompt", "response_a", "response_b", "preference", "comment"]
+    assert all(r["preference"] == "" for r in rows)
+    sides = [io.read_json(key)["rows"][r["row"]]["a"] for r in rows]
+    assert 5 < sides.count("final") < 35  # randomized A/B order
+    fill_sheet(sheet, key, judgments)
+    human = import_human_ratings(sheet, key)
+    auto = win_rate([j["outcome"] for j in judgments], bootstrap_samples=1500, seed=3)
+    assert {k: human[k] for k in auto} == auto
+    assert human["rated"] == 40 and human["unrated"] == 0
+
+
+def test_human_sheet_subset_blank_rows_and_bad_values(tmp_path):
+    judgments = synthetic_judgments(30)
+    sheet, key = tmp_path / "sheet.csv", tmp_path / "key.json"
+    export_human_sheet(judgments, sheet, key, n_rows=12, seed=0)
+    assert len(io.read_json(key)["rows"]) == 12
+    fill_sheet(sheet, key, judgments, blank_rows={"1", "2"})
+    outcomes, info = read_human_ratings(sheet, key)
+    assert (info["rated"], info["unrated"], len(outcomes)) == (10, 2, 10)
+    with open(sheet, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[4]["preference"] = "maybe"
+    with open(sheet, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(ValueError, match=r"sheet\.csv:\d+: preference: 'maybe' .*\[sheet row " + rows[4]["row"]):
+        import_human_ratings(sheet, key)
+
+
+# ------------------------------------------------------------------------------------------------ contamination
+
+
+def test_planted_eval_question_is_detected():
+    eval_texts = {"eval": ["A farmer has 17 cows and buys 25 more at the market on Tuesday. How many cows now?",
+                           "12 + 30 ="],
+                  "lm_eval/cloze": ["The airship rose slowly above the glittering towers of the city."]}
+    clean = data.make_pair(tasks.make_prompt("What is 3 + 4?", SYSTEM), "7", "8")
+    planted = data.make_pair(tasks.make_prompt("A farmer has 17 cows and buys 25 more at the market on Tuesday. "
+                                               "How many cows now?", SYSTEM), "42", "41")
+    in_response = data.make_pair(tasks.make_prompt("Tell a story.", SYSTEM),
+                                 "the airship rose slowly above the glittering towers of the city, then fell", "no")
+    short = data.make_pair(tasks.make_prompt("Compute 12 + 30 = please", SYSTEM), "42", "41")
+    found = find_contaminated_pairs({"pairs.parquet": [clean, planted], "round_1.parquet": [in_response, short]},
+                                    eval_texts)
+    assert [(f["file"], f["row"]) for f in found] == [("pairs.parquet", 2), ("round_1.parquet", 1),
+                                                      ("round_1.parquet", 2)]
+    assert found[0]["eval_sets"] == ["eval"] and found[0]["field"] == "prompt[1].content"
+    assert found[1]["eval_sets"] == ["lm_eval/cloze"] and found[1]["field"] == "chosen"
+    # the same rule as Stage 2's decontamination
+    stage2 = validate_dpo_pairs(pairs=[clean, planted, in_response, short], eval_texts=eval_texts, min_pairs=1)
+    assert stage2.n_contaminated == len(found)
+
+
+# ------------------------------------------------------------------------------------------------ decision + report
+
+
+ROUNDS = [
+    {"round": 0, "passed": True, "decision": "baseline", "kl": 0.02, "heldout_gap": 0.2, "task_accuracy": 0.4,
+     "benchmark_mean": 0.5, "benchmarks": {"gen": 0.4, "mc": 0.6}, "reasons": ["stage 5"]},
+    {"round": 1, "passed": True, "decision": "continue", "kl": 0.04, "heldout_gap": 0.3, "task_accuracy": 0.45,
+     "benchmark_mean": 0.49, "benchmarks": {"gen": 0.4, "mc": 0.58}, "reasons": ["improved"]},
+    {"round": 2, "passed": True, "decision": "continue", "kl": 0.07, "heldout_gap": 0.35, "task_accuracy": 0.45,
+     "benchmark_mean": 0.40, "benchmarks": {"gen": 0.3, "mc": 0.5}, "reasons": ["improved"]},
+]
+BASELINE = {"gen": 0.4, "mc": 0.6}
+
+
+def project(tmp_path, final_benchmarks, win=(0.62, 0.55, 0.69)):
+    root = tmp_path / "project"
+    ret = retention(final_benchmarks, BASELINE)
+    io.write_json(root / "metrics" / "evaluate.json", {
+        "retention": ret["retention"], "retention_per_benchmark": ret["retention_per_benchmark"],
+        "retention_notes": ret["notes"], "benchmarks": final_benchmarks, "baseline_benchmarks": BASELINE,
+        "win_rate": win[0], "win_rate_ci_low": win[1], "win_rate_ci_high": win[2],
+        "win_rate_detail": {"n": 200, "wins": 110, "ties": 28, "losses": 62, "judge": "verifier",
+                            "bootstrap_samples": 2000, "seed": 0},
+        "kl": 0.07, "heldout_gap": 0.35, "contaminated_pairs": 0, "selected_round": 2,
+        "contamination": {"n_pairs_checked": 1200, "first": []}})
+    io.write_json(root / "metrics" / "iterate.json", {"decision": "max_rounds", "selected_round": 2, "rounds": ROUNDS,
+                                                      "analysis": "Held-out gap rose every round."})
+    for stage, key, values in (("sft", "train/loss", [3.0, 2.1, 1.5]), ("sft", "eval/val_loss", [2.0, 1.6]),
+                               ("dpo", "train/loss", [0.69, 0.6, 0.5]),
+                               ("dpo", "train/rewards/margins", [0.0, 0.1, 0.3])):
+        path = root / "dvclive" / stage / "plots" / "metrics" / f"{key}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("step\t" + key.rsplit("/", 1)[-1] + "\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))
+    return root
+
+
+def test_capability_regression_names_the_rollback(tmp_path):
+    p = params(evaluate={"min_retention": 95.0, "max_kl": 0.1, "min_heldout_gap": 0.15},
+               dpo={"learning_rate": 4e-5, "lr_backoff": 0.5}, iterate={"max_steps": 60})
+    root = project(tmp_path, {"gen": 0.3, "mc": 0.5})   # round 2's benchmarks: 79 % retention
+    deploy = write_report(root, p)
+    assert deploy["deploy"] is False and deploy["failed"] == ["retention"]
+    rb = deploy["rollback"]
+    assert rb["to"]["round"] == 1  # round 2 fails retention; round 1 retains 98 % and meets KL / gap
+    assert rb["parameter_changes"]["dpo.learning_rate"]["to"] == pytest.approx(2e-5)
+    assert rb["parameter_changes"]["iterate.max_steps"]["to"] == 30
+    assert "roll back" in rb["prescription"] and "dpo.learning_rate" in rb["prescription"]
+    assert json.loads((root / "reports" / "deploy.json").read_text()) == deploy
+    html_text = (root / "reports" / "report.html").read_text()
+    assert "DO NOT DEPLOY" in html_text and "roll back" in html_text
+
+
+def test_no_round_meets_thresholds_falls_back_to_sft():
+    p = params(evaluate={"max_kl": 0.001})
+    assert last_good_round({"rounds": ROUNDS}, BASELINE, p)["model"] == "models/sft"
+
+
+def test_report_renders_plots_and_decision(tmp_path):
+    p = params()
+    root = project(tmp_path, {"gen": 0.4, "mc": 0.6})
+    deploy = write_report(root, p)
+    assert deploy["deploy"] is True and deploy["rollback"] is None
+    assert [c["passed"] for c in deploy["checks"]] == [True] * 5
+    html_text = (root / "reports" / "report.html").read_text()
+    assert html_text.startswith("<!DOCTYPE html>") and 'id="decision"' in html_text and ">DEPLOY<" in html_text
+    assert html_text.count("<svg") == 7 and "polyline" in html_text and 'class="interval"' in html_text
+    for plot in ("sft_training", "dpo_training", "reward_margins", "kl_rounds", "gap_rounds", "win_rate", "retention"):
+        assert f'id="plot-{plot}"' in html_text
+        assert (root / "reports" / "plots" / f"{plot}.svg").read_text().startswith("<svg")
+    assert "http" not in html_text.replace("http://www.w3.org/2000/svg", "")  # self-contained
+    md = (root / "reports" / "report.md").read_text()
+    assert "**DEPLOY**" in md and "plots/win_rate.svg" in md and "| gen |" in md
+    # deterministic
+    first = (root / "reports" / "report.html").read_bytes()
+    write_report(root, p)
+    assert (root / "reports" / "report.html").read_bytes() == first
+
+
+def test_svg_helpers_handle_empty_and_constant_data(tmp_path):
+    assert "no data" in line_chart("t", {"a": []})
+    assert "<polyline" in line_chart("t", {"a": [(0, 1.0), (1, 1.0)]})
+    assert "n/a" in bar_chart("t", [("x", None, None)])
+    tsv = tmp_path / "m.tsv"
+    tsv.write_text("step\tloss\n0\t1.5\n1\tnan\n2\t1.0\n")
+    assert read_tsv(tsv) == [(0.0, 1.5), (2.0, 1.0)] and read_tsv(tmp_path / "missing.tsv") == []
+
+
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="/usr/bin/chromium not installed")
+def test_report_screenshot_is_not_blank(tmp_path):
+    from PIL import Image
+
+    root = project(tmp_path, {"gen": 0.3, "mc": 0.5})
+    write_report(root, params())
+    shot = tmp_path / "shot.png"
+    subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1000,1400", (root / "reports" / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    image = Image.open(shot).convert("L")
+    lo, hi = image.getextrema()
+    assert hi - lo > 100  # text, plots and the decision banner: far from one flat colour
+    assert len(set(image.resize((100, 140)).getdata())) > 20

@@ -1,0 +1,107 @@
+"""Same params + same seed => byte-identical quality metrics; another seed => different ones.
+
+Convention (docs/architecture.md): quality metrics go to metrics/<stage>.json (and the gate verdicts to
+metrics/gates/<stage>.json) and must be deterministic; timings, throughput and memory go to metrics/perf/, which is
+excluded here by design. Two extra runs on top of the session's pipeline:
+  - a fresh project with the same profile and seed, the full `dvc repro`: every metrics file must match the
+    session pipeline's committed ones byte for byte (a mismatch names the stage and the keys that differ);
+  - a fresh project with seed 1, reproduced up to the SFT stage (enough to show the seed reaches the model and
+    the data; keeps the test time down): the model-bearing metrics must differ.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("tests.fixtures_pipeline")
+from tests.fixtures_pipeline import sh, stages_in, use_repo_dvc_config  # noqa: E402
+from tests.pipeline_project import make_project  # noqa: E402
+
+pytest_plugins = ["tests.fixtures_pipeline"]
+pytestmark = pytest.mark.e2e
+
+TIMING_KEY = re.compile(r"(^|_)(time|times|seconds|secs|sec|duration|elapsed|wall|throughput|tok_s|tokens_per_s(ec)?"
+                        r"|per_sec|peak_memory\w*|memory_gb|timestamp)($|_)")
+
+
+def quality_metrics(files: dict[str, bytes]) -> dict[str, bytes]:
+    return {path: data for path, data in files.items() if not path.startswith("metrics/perf/")}
+
+
+def workspace_metrics(project: Path) -> dict[str, bytes]:
+    return quality_metrics({str(p.relative_to(project)): p.read_bytes()
+                            for p in sorted((project / "metrics").rglob("*.json"))})
+
+
+def committed_metrics(project: Path) -> dict[str, bytes]:
+    names = sh(project, "git", "ls-tree", "-r", "--name-only", "HEAD", "metrics").stdout.split()
+    return quality_metrics({n: subprocess.run(["git", "show", f"HEAD:{n}"], cwd=project, check=True,
+                                              capture_output=True).stdout for n in names if n.endswith(".json")})
+
+
+def flat(data, prefix: str = "") -> dict[str, object]:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): data}
+
+
+def describe_differences(a: dict[str, bytes], b: dict[str, bytes]) -> str:
+    lines = []
+    for path in sorted(set(a) | set(b)):
+        if a.get(path) == b.get(path):
+            continue
+        if path not in a or path not in b:
+            lines.append(f"{path}: only in {'the first' if path in a else 'the second'} run")
+            continue
+        fa, fb = flat(json.loads(a[path])), flat(json.loads(b[path]))
+        keys = sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+        lines.append(f"{path} (stage {Path(path).stem}): " + ", ".join(f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}"
+                                                                       for k in keys[:8]))
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def reference(pipeline) -> dict[str, bytes]:
+    """The session pipeline's metrics as committed right after its repro (later tests edit and restore params)."""
+    metrics = committed_metrics(pipeline)
+    assert metrics, "the session pipeline wrote no metrics"
+    return metrics
+
+
+def test_timings_stay_out_of_quality_metrics(reference):
+    """metrics/<stage>.json holds no timing/throughput/memory key (those belong in metrics/perf/<stage>.json)."""
+    offenders = {path: [k for k in flat(json.loads(data)) if TIMING_KEY.search(k.rsplit(".", 1)[-1])]
+                 for path, data in reference.items()}
+    offenders = {path: keys for path, keys in offenders.items() if keys}
+    assert not offenders, f"timing-like keys outside metrics/perf/: {offenders}"
+
+
+def test_same_seed_gives_identical_metrics(pipeline, reference, tmp_path):
+    project = make_project(tmp_path / "same-seed")
+    use_repo_dvc_config(project)
+    sh(project, "dvc", "repro")
+    again = workspace_metrics(project)
+    stages = stages_in(project / "dvc.yaml")
+    assert set(again) == set(reference), describe_differences(reference, again)
+    assert again == reference, ("same params and seed, different quality metrics (a nondeterministic stage, or a "
+                                f"timing outside metrics/perf/):\n{describe_differences(reference, again)}\n"
+                                f"stages: {stages}")
+
+
+def test_different_seed_gives_different_metrics(reference, tmp_path):
+    project = make_project(tmp_path / "seed-1", overrides={"seed": 1})
+    use_repo_dvc_config(project)
+    target = ["sft"] if "sft" in stages_in(project / "dvc.yaml") else []
+    sh(project, "dvc", "repro", *target)
+    other = workspace_metrics(project)
+    common = sorted(set(other) & set(reference))
+    assert common, f"no metrics file in common: {sorted(other)} vs {sorted(reference)}"
+    differ = [p for p in common if other[p] != reference[p]]
+    model_bearing = [p for p in common if "model_hash" in flat(json.loads(reference[p]))]
+    assert model_bearing and set(model_bearing) <= set(differ), (
+        f"seed 0 and seed 1 gave the same {sorted(set(model_bearing) - set(differ))}")
+    print(f"\nseed 1 vs seed 0: differ {differ}; identical {sorted(set(common) - set(differ))}")
