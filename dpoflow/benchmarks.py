@@ -227,19 +227,20 @@ def write_local_tasks(out_dir: str | os.PathLike, data: Mapping[str, list[Mappin
         for name in _HELPER_MODULES:
             shutil.copyfile(_HELPERS_DIR / name, tmp / name)
 
-        def add(task, rows, output_type, fields, functions, metrics, chat, unsafe_code=False):
+        def add(task, rows, output_type, fields, functions, metrics, chat, unsafe_code=False, system=False):
             n = _write_rows(tmp / f"{task}.jsonl", rows)
             (tmp / f"{task}.yaml").write_text(
                 _task_yaml(task, f"{task}.jsonl", output_type, fields, functions, metrics, unsafe_code),
                 encoding="utf-8")
             manifest[task] = {"output_type": output_type, "score_metric": SCORE_METRIC[task], "docs": n,
-                              "chat_template": chat}
+                              "chat_template": chat, "system_prompt": system}
 
         if data.get("eval"):
             add(TASK_GEN, _task_gen_rows(list(data["eval"])), "generate_until",
                 {"doc_to_text": "{{prompt}}", "doc_to_target": "{{answer}}",
                  "generation_kwargs": {"until": ["\n\n"], "max_gen_toks": task_max_gen_toks, "do_sample": False}},
-                {"process_results": "task_utils.process_results_exact_match"}, ["exact_match"], chat=True)
+                {"process_results": "task_utils.process_results_exact_match"}, ["exact_match"], chat=True,
+                system=True)
         if data.get("heldout"):
             add(TASK_MC, _task_mc_rows(list(data["heldout"]), seed), "multiple_choice",
                 {"doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_choice": "choices",
@@ -309,10 +310,11 @@ def run_benchmarks(model_path: str | os.PathLike, task_names: list[str],
     tasks missing from the mapping run in full).
     Deterministic: greedy decoding, all lm-eval/numpy/MLX seeds set from `seed`.
 
-    Local tasks whose manifest says `chat_template` (dpoflow_task_gen) run with the model's chat template and
-    `system_prompt` (default: the embedded task's SYSTEM_PROMPT), the way the pipeline prompts; the rest run
-    as plain text (log-likelihood tasks and completion-style HumanEval). A model without a chat template
-    runs everything plain. `offline` (default: when every task is local) sets HF_DATASETS_OFFLINE and
+    Local tasks whose manifest says `chat_template` (dpoflow_task_gen, dpoflow_humaneval_chat) run with the
+    model's chat template; those that also say `system_prompt` (dpoflow_task_gen) get `system_prompt`
+    (default: the embedded task's SYSTEM_PROMPT), the way the pipeline prompts. The rest run as plain text
+    (log-likelihood tasks and completion-style HumanEval). A model without a chat template runs everything
+    plain. `offline` (default: when every task is local) sets HF_DATASETS_OFFLINE and
     HF_HUB_OFFLINE unless they are already set. `confirm_run_unsafe_code` lets dpoflow_humaneval execute
     generated code (in a limited subprocess).
     """
@@ -343,20 +345,21 @@ def run_benchmarks(model_path: str | os.PathLike, task_names: list[str],
     task_manager = TaskManager(include_path=str(include_path) if include_path else None,
                                include_defaults=bool(stock))
 
-    # lm-eval takes one chat setting and one limit per call: one call per (chat, limit) group.
-    groups: dict[tuple[bool, Any], list[str]] = {}
+    # lm-eval takes one chat setting, system prompt and limit per call: one call per group of tasks sharing them.
+    groups: dict[tuple[bool, bool, Any], list[str]] = {}
     for task in task_names:
         chat = bool(manifest.get(task, {}).get("chat_template")) and has_chat
+        system = chat and bool(manifest.get(task, {}).get("system_prompt"))
         task_limit = limit.get(task) if isinstance(limit, Mapping) else limit
-        groups.setdefault((chat, task_limit), []).append(task)
+        groups.setdefault((chat, system, task_limit), []).append(task)
 
     out: dict[str, dict[str, float]] = {}
-    for (chat, task_limit), tasks in groups.items():
+    for (chat, system, task_limit), tasks in groups.items():
         lm.use_chat_template = chat  # MLXLM tokenizes without special tokens when a chat template is used
         start = time.perf_counter()
         result = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, task_manager=task_manager, limit=task_limit, batch_size=batch_size,
-            apply_chat_template=chat, system_instruction=system_prompt if chat else None,
+            apply_chat_template=chat, system_instruction=system_prompt if system else None,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             confirm_run_unsafe_code=confirm_run_unsafe_code, bootstrap_iters=1000, log_samples=False,
         )

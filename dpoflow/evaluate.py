@@ -204,7 +204,8 @@ def read_human_ratings(sheet_csv: str | Path, key_json: str | Path) -> tuple[lis
         reader = csv.DictReader(f)
         missing = [c for c in ("row", "preference") if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{sheet_csv}:1: header: column {missing[0]!r} missing (expected {', '.join(SHEET_COLUMNS)})")
+            raise ValueError(f"{sheet_csv}:1: header: column {missing[0]!r} missing "
+                             f"(expected {', '.join(SHEET_COLUMNS)})")
         for row in reader:
             line = reader.line_num  # the record's last physical line (prompts may span lines)
             number = (row.get("row") or "").strip()
@@ -440,7 +441,8 @@ def run_evaluation(*, final_model: Any, sft_model: Any, tokenizer: Any, items: S
     t0 = time.perf_counter()
     ret = retention(final_benchmarks, baseline_benchmarks)
     prompts = [tasks.item_prompt(item, system_prompt) for item in items]
-    final_texts = greedy_responses(final_model, tokenizer, prompts, max_tokens, generation_batch_size, "final responses")
+    final_texts = greedy_responses(final_model, tokenizer, prompts, max_tokens, generation_batch_size,
+                                   "final responses")
     base_texts = greedy_responses(sft_model, tokenizer, prompts, max_tokens, generation_batch_size, "SFT responses")
     t1 = time.perf_counter()
     judgments = pairwise_judgments(judge, list(items), prompts, final_texts, base_texts)

@@ -106,8 +106,9 @@ def decide_round(previous: Mapping[str, Any], current: Mapping[str, Any], regres
                                                      f"iterate.convergence_epsilon {convergence_epsilon:g}: stable"],
                 "deltas": deltas}
     if delta >= convergence_epsilon:
-        return {"decision": "continue", "reasons": [f"{PRIMARY} improved by {delta:+.4g} (>= iterate.convergence_epsilon "
-                                                    f"{convergence_epsilon:g}), no regression beyond tolerance"],
+        return {"decision": "continue", "reasons": [f"{PRIMARY} improved by {delta:+.4g} (>= "
+                                                    f"iterate.convergence_epsilon {convergence_epsilon:g}), no "
+                                                    "regression beyond tolerance"],
                 "deltas": deltas}
     return {"decision": "converged", "reasons": [f"{PRIMARY} fell by {-delta:.4g}, within iterate.regression_tolerance "
                                                  f"{regression_tolerance:g}: no further gain, the better earlier round "
@@ -252,6 +253,7 @@ def make_pair_gate(p: Any, min_pairs: int) -> Callable[[Mapping[str, Any]], list
     def check(metrics: Mapping[str, Any]) -> list[str]:
         result = evaluate_gate("preference_data", dict(metrics), p_round)
         return [r.message().replace("(preference.min_pairs)", "(iterate.min_pairs)")
+                .replace("data.sizes.pref_prompts", "iterate.prompts_per_round")
                 for r in result.results if not r.passed]
 
     return check
@@ -705,7 +707,8 @@ def _run_round(k: int, start: int, end: int, rdir: Path, fp: str, chains: dict[i
         t2 = time.perf_counter()
         try:
             dpo_result = train_dpo(policy.model, policy.tokenizer, pairs, train_logps, ctx.heldout_pairs, held_logps,
-                                   ctx.kl_prompts, round_params, s.batch_size, s.seed + k, None, rdir / "dpo_checkpoint",
+                                   ctx.kl_prompts, round_params, s.batch_size, s.seed + k, None,
+                                   rdir / "dpo_checkpoint",
                                    reference=policy.reference, fingerprint=fp, max_len=s.max_len,
                                    kl_samples=s.kl_samples, kl_max_tokens=s.kl_max_tokens)
         except TrainingDiverged as err:
@@ -771,7 +774,8 @@ def render_iterate_report(metrics: Mapping[str, Any]) -> str:
     for r in metrics["rounds"]:
         pairs = r.get("pairs") or {}
         lines.append(f"| {r['round']} | {r.get('reference')} | {pairs.get('n_pairs', '–') if pairs else '–'} | "
-                     f"{fmt(pairs.get('avg_gap')) if pairs else '–'} | {fmt(r.get('kl'))} | {fmt(r.get('heldout_gap'))} | "
+                     f"{fmt(pairs.get('avg_gap')) if pairs else '–'} | {fmt(r.get('kl'))} | "
+                     f"{fmt(r.get('heldout_gap'))} | "
                      f"{fmt(r.get('task_accuracy'))} | {fmt(r.get('benchmark_mean'))} | "
                      f"{'yes' if r.get('passed') else 'no'} | {r.get('decision')} |")
     lines += ["", "## Decisions", ""]

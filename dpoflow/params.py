@@ -148,6 +148,8 @@ class IterateParams:
     max_steps: int = _spec(60, low=1)
     regression_tolerance: float = _spec(0.02, low=0)
     convergence_epsilon: float = _spec(0.005, low=0)
+    # Valid pairs a round needs (Stage 2's gate, per round); null = preference.min_pairs scaled by prompt share.
+    min_pairs: Optional[int] = _spec(None, low=1)
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,8 @@ def _hlines(hlines: Sequence[tuple[float, str]], sy, left: float, pw: float) -> 
         x, anchor = (left + pw - 4, "end") if i % 2 == 0 else (left + 4, "start")
         out.append(f'<line class="reference" x1="{left}" y1="{sy(value):.1f}" x2="{left + pw}" y2="{sy(value):.1f}" '
                    f'stroke="#555555" stroke-dasharray="6 4"/><text x="{x:.1f}" y="{sy(value) - 4:.1f}" '
-                   f'text-anchor="{anchor}" font-family="sans-serif" font-size="11" fill="#555555">{_esc(label)}</text>')
+                   f'text-anchor="{anchor}" font-family="sans-serif" font-size="11" fill="#555555">'
+                   f'{_esc(label)}</text>')
     return out
 
 
@@ -242,8 +243,6 @@ def collect(root: Path, p: Any, deploy: Mapping[str, Any]) -> dict:
         "evaluate": io.read_json(root / "metrics" / "evaluate.json"),
         "deploy": dict(deploy),
         "iterate": _read_optional(root / "metrics" / "iterate.json"),
-        "sft": _read_optional(root / "metrics" / "sft.json"),
-        "dpo": _read_optional(root / "metrics" / "dpo.json"),
         "curves": {
             "sft": {"train loss": dvclive_series(root, "sft", "train/loss"),
                     "validation loss": dvclive_series(root, "sft", "eval/val_loss")},
@@ -345,10 +344,11 @@ def render_markdown(data: Mapping[str, Any], plot_files: Mapping[str, tuple[str,
     lines.append(f"| **overall** | | | **{_fmt(ev.get('retention'))}** |")
     lines += [f"- {n}" for n in ev.get("retention_notes") or []]
     wd = ev.get("win_rate_detail") or {}
-    lines += ["", "## Win rate", "", f"{wd.get('wins', '–')} wins, {wd.get('ties', '–')} ties, {wd.get('losses', '–')} "
-              f"losses over {wd.get('n', '–')} held-out prompts (data/tasks/eval.jsonl); ties count 1/2; "
-              f"{wd.get('bootstrap_samples', '–')} bootstrap resamples (seed {wd.get('seed', '–')}). Alignment improved "
-              "means the interval's lower bound is above 0.5."]
+    lines += ["", "## Win rate", "", f"{wd.get('wins', '–')} wins, {wd.get('ties', '–')} ties, "
+              f"{wd.get('losses', '–')} losses over {wd.get('n', '–')} held-out prompts (data/tasks/eval.jsonl); "
+              "ties count 1/2; "
+              f"{wd.get('bootstrap_samples', '–')} bootstrap resamples (seed {wd.get('seed', '–')}). Alignment "
+              "improved means the interval's lower bound is above 0.5."]
     it = data.get("iterate")
     if it:
         lines += ["", "## Iterative training", "", f"Decision **{it.get('decision')}**, selected round "
@@ -366,9 +366,10 @@ def render_markdown(data: Mapping[str, Any], plot_files: Mapping[str, tuple[str,
               for c in (cont.get("first") or [])]
     lines += ["", "## Plots", ""]
     lines += [f"![{title}](plots/{stem}.svg)" for stem, (title, _) in plot_files.items()]
-    lines += ["", "## Human evaluation", "", "A blind side-by-side sheet is in `reports/human_eval_sheet.csv` (A/B order "
-              "randomized, model identities in `reports/human_eval_key.json`: do not share the key with raters). Fill "
-              "the `preference` column with A, B or tie, then run `python stages/evaluate.py --human-ratings "
+    lines += ["", "## Human evaluation", "", "A blind side-by-side sheet is in `reports/human_eval_sheet.csv` "
+              "(A/B order randomized, model identities in `reports/human_eval_key.json`: do not share the key with "
+              "raters). Fill the `preference` column with A, B or tie, then run `python stages/evaluate.py "
+              "--human-ratings "
               "reports/human_eval_sheet.csv` for the human win rate and its interval.", ""]
     return "\n".join(lines)
 
@@ -379,7 +380,8 @@ h1{margin-bottom:4px} .verdict{padding:14px 18px;border-radius:6px;font-size:22p
 .deploy{background:#2e7d32} .nodeploy{background:#c62828} table{border-collapse:collapse;margin:8px 0 16px}
 td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px} th{background:#f0f0f0} .pass{color:#2e7d32;font-weight:bold}
 .fail{color:#c62828;font-weight:bold} .plots{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0}
-figcaption{font-size:12px;color:#555} .box{background:#fff8e1;border:1px solid #f0c36d;padding:8px 12px;border-radius:4px}
+figcaption{font-size:12px;color:#555}
+.box{background:#fff8e1;border:1px solid #f0c36d;padding:8px 12px;border-radius:4px}
 code{background:#f4f4f4;padding:1px 4px}
 """
 
@@ -393,7 +395,8 @@ def render_html(data: Mapping[str, Any], svgs: Mapping[str, tuple[str, str]]) ->
              "<h1>dpoflow: deploy decision</h1>",
              f'<div class="verdict {"deploy" if d["deploy"] else "nodeploy"}" id="decision">{_esc(verdict)}</div>',
              "<ul>" + "".join(f"<li>{_esc(x)}</li>" for x in _summary_lines(data)) + "</ul>",
-             "<h2>Gate checks</h2><table><tr><th>check</th><th>value</th><th>rule</th><th>param</th><th>result</th></tr>"]
+             "<h2>Gate checks</h2><table><tr><th>check</th><th>value</th><th>rule</th><th>param</th>"
+             "<th>result</th></tr>"]
     for a, b, c, p_, r in _check_rows(d):
         parts.append(f"<tr><td>{_esc(a)}</td><td>{_esc(b)}</td><td>{_esc(c)}</td><td><code>{_esc(p_)}</code></td>"
                      f'<td class="{"pass" if r == "pass" else "fail"}">{_esc(r)}</td></tr>')
@@ -420,7 +423,8 @@ def render_html(data: Mapping[str, Any], svgs: Mapping[str, tuple[str, str]]) ->
     if it:
         parts.append(f"<h2>Iterative training</h2><p>Decision <b>{_esc(it.get('decision'))}</b>, selected round "
                      f"<b>{_esc(it.get('selected_round'))}</b>.</p><table><tr><th>round</th><th>KL vs SFT</th>"
-                     "<th>held-out gap</th><th>task accuracy</th><th>benchmark mean</th><th>decision</th><th>reasons</th></tr>")
+                     "<th>held-out gap</th><th>task accuracy</th><th>benchmark mean</th><th>decision</th>"
+                     "<th>reasons</th></tr>")
         for r in it.get("rounds") or []:
             parts.append(f"<tr><td>{r['round']}</td><td>{_esc(_fmt(r.get('kl')))}</td>"
                          f"<td>{_esc(_fmt(r.get('heldout_gap')))}</td><td>{_esc(_fmt(r.get('task_accuracy')))}</td>"
@@ -431,8 +435,9 @@ def render_html(data: Mapping[str, Any], svgs: Mapping[str, tuple[str, str]]) ->
     parts.append(f"<h2>Contamination audit</h2><p>{_esc(_fmt(ev.get('contaminated_pairs')))} of "
                  f"{_esc(cont.get('n_pairs_checked', '–'))} training pairs overlap an evaluation text.</p>")
     parts.append("<h2>Human evaluation</h2><p>Blind side-by-side sheet: <code>reports/human_eval_sheet.csv</code> "
-                 "(key kept apart in <code>reports/human_eval_key.json</code>). Fill <code>preference</code> with A, B or "
-                 "tie, then run <code>python stages/evaluate.py --human-ratings reports/human_eval_sheet.csv</code>.</p>")
+                 "(key kept apart in <code>reports/human_eval_key.json</code>). Fill <code>preference</code> with A, "
+                 "B or tie, then run <code>python stages/evaluate.py --human-ratings "
+                 "reports/human_eval_sheet.csv</code>.</p>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

@@ -72,6 +72,18 @@ DEFAULT_SPEC: dict[str, dict[str, Any]] = {
                   "config": {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1, **_ADDITION}},
 }
 
+# The same arithmetic in two phrasings ("Calculate 12 + 5." / "State the final answer to the following arithmetic
+# problem: 12 + 5 ="), with subtraction: the shape decontamination and per-task code must cope with. The
+# default before measurement; kept for tests of template handling, not as a training mix (subtraction with a
+# negative result is never answered right by SmolLM2-135M).
+TWO_TEMPLATE_SPEC: dict[str, dict[str, Any]] = {
+    "basic_arithmetic": {"weight": 0.8, "config": {
+        "min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "operators": ["+", "-"],
+        "allow_parentheses": False, "allow_negation": False, "format_style": "simple", "whitespace": "single"}},
+    "chain_sum": {"weight": 0.2, "config": {
+        "min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "allow_negation": False}},
+}
+
 # The prompt that worked best for SmolLM2-135M-Instruct (NOTES.md): the model's default system prompt made
 # greedy accuracy drop from 0.33 to 0.17, and without the closing instruction it explains at length.
 SYSTEM_PROMPT = "Reply with only the final answer, no explanation."

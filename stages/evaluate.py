@@ -60,7 +60,8 @@ def _measure(p) -> None:
     sft_model.freeze()
     pp = p.preference
     judge_name = pp.judge if pp.judge != "import" else "verifier"  # import labels nothing new: the task verifier
-    judge = judges.make_judge(judge_name, batch_size=batch_size, reward_model_path=REWARD)
+    judge = judges.make_judge(judge_name, batch_size=batch_size,
+                              reward_model_path=getattr(pp, "reward_model_path", REWARD))
     items = tasks.read_split(SPLITS / "eval.jsonl")[: p.evaluate.win_rate_prompts]
     heldout_items = tasks.read_split(SPLITS / "heldout.jsonl")
     heldout_pairs = read_pairs(HELDOUT_PAIRS)

@@ -56,7 +56,9 @@ def main(params_path: str) -> None:
     mx.random.seed(p.seed)
     s = IterateSettings.from_params(p, batch_size)
     pp = p.preference
-    judge = judges.make_judge(pp.judge, import_path=pp.import_path, batch_size=batch_size, reward_model_path=REWARD)
+    reward_path = Path(getattr(pp, "reward_model_path", REWARD))
+    judge = judges.make_judge(pp.judge, import_path=pp.import_path, batch_size=batch_size,
+                              reward_model_path=reward_path)
     if s.rounds > 0 and not judge.generates:
         raise click.ClickException("iterative training judges the policy's own samples: preference.judge must be "
                                    "verifier or reward_model, not import; set iterate.rounds: 0 to skip Stage 6")
@@ -68,7 +70,8 @@ def main(params_path: str) -> None:
                                    reference_hash=sft_hash)["heldout"]
     sft_model, _ = models.load_model(SFT, dtype=p.model.dtype)
     sft_model.freeze()
-    eval_texts = collect_eval_texts(SPLITS, template_items=tasks.read_split(SPLITS / "pref_prompts.jsonl") + round_items)
+    template_items = tasks.read_split(SPLITS / "pref_prompts.jsonl") + round_items
+    eval_texts = collect_eval_texts(SPLITS, template_items=template_items)
 
     def benchmark_fn(model_dir: Path) -> dict:  # same tasks and settings as Stage 1 (stages/sft.py)
         bench = benchmarks.run_benchmarks(model_dir, p.benchmarks.tasks, include_path=SPLITS / "lm_eval",
@@ -83,7 +86,7 @@ def main(params_path: str) -> None:
     dpo_params = {k: getattr(p.dpo, k) for k in DPO_KEYS}
     fingerprint = repr((s, dpo_params, p.preference, p.init, p.benchmarks, p.seed, batch_size,
                         _files_hash(SFT, DPO, ROUNDS, HELDOUT_TASKS, HELDOUT_PAIRS, SPLITS / "lm_eval")
-                        + (_files_hash(REWARD) if pp.judge == "reward_model" else "")))
+                        + (_files_hash(reward_path) if pp.judge == "reward_model" else "")))
     result = run_iteration(
         sft_dir=SFT, dpo_dir=DPO, round_items=round_items, judge=judge,
         preference_config=PreferenceConfig.from_params(p), eval_texts=eval_texts,

@@ -2,7 +2,6 @@
 the blind human sheet round trip, the contamination audit, the deploy decision and the report."""
 import csv
 import json
-import shutil
 import subprocess
 from pathlib import Path
 

@@ -176,11 +176,12 @@ def test_end_to_end_iterate_then_evaluate(tmp_path, tiny_model_dir, reference):
     config = PreferenceConfig(samples_per_prompt=4, temperature=1.0, max_tokens=6, max_seq_len=MAX_LEN,
                               max_extra_passes=0, min_gap=0.1, min_pairs=1, seed=0, system_prompt=SYSTEM,
                               generation_batch_size=16)
-    result = run_iteration(sft_dir=sft_dir, dpo_dir=dpo_dir, round_items=[item(i) for i in range(8)],
-                           judge=ParityJudge(), preference_config=config,
-                           eval_texts={"eval": ["What is the capital of the planet Mars in the year 2889?"]},
-                           pair_gate=lambda m: [] if m["n_pairs"] >= 1 else ["no pairs"], dpo_params=dpo_params(),
-                           settings=settings, ctx=ctx, work_dir=tmp_path / "work", fingerprint="fp")
+    kwargs = dict(sft_dir=sft_dir, dpo_dir=dpo_dir, round_items=[item(i) for i in range(8)], judge=ParityJudge(),
+                  preference_config=config,
+                  eval_texts={"eval": ["What is the capital of the planet Mars in the year 2889?"]},
+                  pair_gate=lambda m: [] if m["n_pairs"] >= 1 else ["no pairs"], dpo_params=dpo_params(),
+                  settings=settings, ctx=ctx, work_dir=tmp_path / "work", fingerprint="fp")
+    result = run_iteration(**kwargs)
 
     rounds = result.rounds
     assert [r["round"] for r in rounds][:1] == [0] and rounds[0]["decision"] == "baseline"
@@ -190,6 +191,11 @@ def test_end_to_end_iterate_then_evaluate(tmp_path, tiny_model_dir, reference):
                                                                                          "converged")
         assert r["dpo"]["steps"] == 3 and r["kl"] >= 0 and -1 < r["heldout_gap"] < 1
     assert len(calls) == len(rounds)  # benchmarks after every round, round 0 included
+    # a rerun with the same fingerprint resumes every finished round from work_dir: same records, nothing re-run
+    again = run_iteration(**kwargs)
+    assert again.rounds == rounds and again.selected_round == result.selected_round and len(calls) == len(rounds)
+    assert {k: [str(c) for c in v] for k, v in again.chains.items()} == \
+        {k: [str(c) for c in v] for k, v in result.chains.items()}
     # round prompts are disjoint between rounds
     prompts = [{json.dumps(p["prompt"]) for p in pairs} for pairs in result.pairs.values()]
     assert all(a.isdisjoint(b) for i, a in enumerate(prompts) for b in prompts[i + 1:])

@@ -3,23 +3,25 @@
 Convention (docs/architecture.md): quality metrics go to metrics/<stage>.json (and the gate verdicts to
 metrics/gates/<stage>.json) and must be deterministic; timings, throughput and memory go to metrics/perf/, which is
 excluded here by design. Two extra runs on top of the session's pipeline:
-  - a fresh project with the same profile and seed, the full `dvc repro`: every metrics file must match the
-    session pipeline's committed ones byte for byte (a mismatch names the stage and the keys that differ);
-  - a fresh project with seed 1, reproduced up to the SFT stage (enough to show the seed reaches the model and
+  - a fresh checkout of the session pipeline's commit (same code, params, seed; no cache, no outputs), the full
+    `dvc repro`: every metrics file must match the session pipeline's committed ones byte for byte (a mismatch
+    names the stage and the keys that differ);
+  - the same with seed 1, reproduced up to the SFT stage (enough to show the seed reaches the model and
     the data; keeps the test time down): the model-bearing metrics must differ.
 """
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 pytest.register_assert_rewrite("tests.fixtures_pipeline")
-from tests.fixtures_pipeline import sh, stages_in, use_repo_dvc_config  # noqa: E402
-from tests.pipeline_project import make_project  # noqa: E402
+from tests.fixtures_pipeline import clone_project, ran, sh, stages_in  # noqa: E402
+from tests.pipeline_project import write_params  # noqa: E402
 
 pytest_plugins = ["tests.fixtures_pipeline"]
 pytestmark = pytest.mark.e2e
@@ -80,21 +82,30 @@ def test_timings_stay_out_of_quality_metrics(reference):
     assert not offenders, f"timing-like keys outside metrics/perf/: {offenders}"
 
 
+def fresh_checkout(pipeline: Path, dst: Path, overrides: dict | None = None) -> Path:
+    """The session pipeline's committed sources and params (the same code even if the repo changes meanwhile),
+    with no outputs, no cache, no run-cache, and none of the committed metrics/gates/plots: everything reruns."""
+    project = clone_project(pipeline, dst, with_outputs=False)
+    for generated in ("metrics", "gates", "dvclive"):
+        shutil.rmtree(project / generated, ignore_errors=True)
+    if overrides:
+        write_params(project, overrides)
+    return project
+
+
 def test_same_seed_gives_identical_metrics(pipeline, reference, tmp_path):
-    project = make_project(tmp_path / "same-seed")
-    use_repo_dvc_config(project)
-    sh(project, "dvc", "repro")
-    again = workspace_metrics(project)
+    project = fresh_checkout(pipeline, tmp_path / "same-seed")
     stages = stages_in(project / "dvc.yaml")
+    assert set(ran(sh(project, "dvc", "repro").stdout)) == set(stages)  # nothing restored from a cache
+    again = workspace_metrics(project)
     assert set(again) == set(reference), describe_differences(reference, again)
     assert again == reference, ("same params and seed, different quality metrics (a nondeterministic stage, or a "
                                 f"timing outside metrics/perf/):\n{describe_differences(reference, again)}\n"
                                 f"stages: {stages}")
 
 
-def test_different_seed_gives_different_metrics(reference, tmp_path):
-    project = make_project(tmp_path / "seed-1", overrides={"seed": 1})
-    use_repo_dvc_config(project)
+def test_different_seed_gives_different_metrics(pipeline, reference, tmp_path):
+    project = fresh_checkout(pipeline, tmp_path / "seed-1", overrides={"seed": 1})
     target = ["sft"] if "sft" in stages_in(project / "dvc.yaml") else []
     sh(project, "dvc", "repro", *target)
     other = workspace_metrics(project)

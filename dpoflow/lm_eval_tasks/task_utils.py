@@ -11,7 +11,6 @@ the benchmark that measures them read a model's answer the same way.
 """
 from __future__ import annotations
 
-import json
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -98,8 +97,3 @@ def process_results_exact_match(doc: dict, results: list[str]) -> dict[str, floa
     """`process_results` hook for the reasoning task's generate_until benchmark: final-answer exact match."""
     return {"exact_match": exact_match(results[0], str(doc["answer"]))}
 
-
-def doc_metadata(doc: dict) -> dict:
-    """Decode the JSON-string metadata column (stored as a string so Arrow needs no common schema)."""
-    raw = doc.get("metadata") or "{}"
-    return json.loads(raw) if isinstance(raw, str) else dict(raw)
