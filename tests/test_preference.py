@@ -48,7 +48,7 @@ class FirstWinsJudge(judges.Judge):
 @pytest.fixture(scope="module")
 def splits():
     # Enough chain_sum questions (weight 0.2) for template inference (>= 20 per task).
-    return tasks.build_splits(sizes={"pref_prompts": 40, "heldout": 30, "eval": 60, "sft_val": 30}, seed=0)
+    return tasks.build_splits(tasks.TWO_TEMPLATE_SPEC, sizes={"pref_prompts": 40, "heldout": 30, "eval": 60, "sft_val": 30}, seed=0)
 
 
 @pytest.fixture(scope="module")
