@@ -47,6 +47,12 @@ DISPLACEMENT_FRACTION = 0.1  # likelihood displacement: first vs last 10% of the
 ATTEMPTS_FILE = "attempts.json"
 
 
+# The dpo.* params a DPO pass reads (Stage 5 and every Stage 6 round; dvc.yaml lists exactly these). lora_* and
+# finetune belong to Stage 3 (the policy it initializes); max_kl and min_heldout_gap to the gates.
+STAGE_KEYS = ("loss_type", "label_smoothing", "length_normalize", "sft_weight", "beta", "learning_rate",
+              "grad_accumulation", "warmup_steps", "max_grad_norm", "max_steps", "checkpoint_every", "kl_every",
+              "kl_target", "lr_backoff", "max_retries")
+
 @dataclass
 class DpoBatch:
     pairs: PairBatch

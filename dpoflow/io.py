@@ -68,3 +68,15 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def files_hash(*paths: str | os.PathLike) -> str:
+    """sha256 over the files (recursively for folders): file paths and contents. For resume fingerprints."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in map(Path, paths):
+        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if f.is_file():
+                digest.update(str(f).encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()

@@ -25,7 +25,7 @@ Score scale (what `score_chosen`/`score_rejected` of a pair hold), always in [0,
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import ABC
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 

@@ -1,7 +1,6 @@
 """Stage 5: DPO. Trains the Stage 3 policy on data/pairs.parquet against the cached reference log-probs, checks the
 held-out KL every dpo.kl_every steps (over dpo.kl_target: lower the learning rate and retry from Stage 3), and
 writes the trained policy, the metrics the gate reads, and the training curves."""
-import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -10,7 +9,7 @@ import click
 import mlx.core as mx
 from dvclive import Live
 
-from dpoflow import io, tasks
+from dpoflow import dpo, io, tasks
 from dpoflow.data import read_pairs
 from dpoflow.dpo import train_dpo
 from dpoflow.params import load_params
@@ -22,21 +21,8 @@ REF_LOGPS = Path("data/ref_logps.safetensors")
 PAIRS = {"train": Path("data/pairs.parquet"), "heldout": Path("data/heldout_pairs.parquet")}
 HELDOUT_TASKS = Path("data/tasks/heldout.jsonl")
 OUT = Path("models/dpo")
-CHECKPOINT = Path("checkpoints/dpo")  # resume point of a killed run (not a DVC output)
-# The dpo.* keys this stage reads (dvc.yaml lists exactly these); lora_*/finetune belong to Stage 3 (policy_init),
-# max_kl/min_heldout_gap to gate_dpo.
-DPO_KEYS = ("loss_type", "label_smoothing", "length_normalize", "sft_weight", "beta", "learning_rate",
-            "grad_accumulation", "warmup_steps", "max_grad_norm", "max_steps", "checkpoint_every", "kl_every",
-            "kl_target", "lr_backoff", "max_retries")
+CHECKPOINT = Path("checkpoints/dpo")  
 
-
-def _files_hash(*paths: Path) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
-            if f.is_file():
-                digest.update(f.name.encode() + b"\0" + f.read_bytes())
-    return digest.hexdigest()
 
 
 @click.command()
@@ -51,10 +37,10 @@ def main(params_path: str) -> None:
     pairs = {split: read_pairs(path) for split, path in PAIRS.items()}
     cache = read_ref_logps(REF_LOGPS, pairs, max_len=p.preference.max_seq_len, reference_hash=policy.reference_hash)
     prompts = kl_prompt_messages(tasks.read_split(HELDOUT_TASKS), p.init.kl_prompts, p.data.system_prompt)
-    dpo_params = {k: getattr(p.dpo, k) for k in DPO_KEYS}
+    dpo_params = {k: getattr(p.dpo, k) for k in dpo.STAGE_KEYS}
     kl_settings = (p.init.kl_prompts, p.init.kl_samples, p.init.kl_max_tokens)
     fingerprint = repr((dpo_params, p.seed, batch_size, p.model.dtype, p.preference.max_seq_len, kl_settings,
-                        p.data.system_prompt, _files_hash(POLICY_INIT, REF_LOGPS, *PAIRS.values())))
+                        p.data.system_prompt, io.files_hash(POLICY_INIT, REF_LOGPS, *PAIRS.values())))
     with Live("dvclive/dpo", save_dvc_exp=False, dvcyaml=None, report=None) as live:
         result = train_dpo(
             policy.model, policy.tokenizer, pairs["train"], cache["train"], pairs["heldout"], cache["heldout"],

@@ -3,7 +3,6 @@ judged, validated (Stage 2's checks), reference log-probs, a DPO pass (Stage 5's
 after each round KL / held-out gap / task accuracy / benchmarks against SFT, compared with the previous round:
 continue, roll back (and stop) or stop as converged. Writes models/selected (the best eligible round), the round
 pairs (data/rounds/), metrics/iterate.json, dvclive/iterate (step = round) and reports/iterate.md."""
-import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -12,7 +11,7 @@ import click
 import mlx.core as mx
 from dvclive import Live
 
-from dpoflow import benchmarks, io, judges, models, tasks
+from dpoflow import benchmarks, dpo, io, judges, models, tasks
 from dpoflow.data import read_pairs, write_pairs
 from dpoflow.iterate import (EvalContext, IterateSettings, log_rounds, make_pair_gate, render_iterate_report,
                              run_iteration, save_selected)
@@ -30,20 +29,8 @@ HELDOUT_PAIRS = Path("data/heldout_pairs.parquet")
 REF_LOGPS = Path("data/ref_logps.safetensors")
 OUT = Path("models/selected")
 ROUND_PAIRS = Path("data/rounds")
-WORK = Path("checkpoints/iterate")  # per-round state: a killed run resumes at the first unfinished round
-# Stage 5's keys (stages/dpo.py DPO_KEYS): the DPO pass of every round uses them, max_steps replaced by iterate's.
-DPO_KEYS = ("loss_type", "label_smoothing", "length_normalize", "sft_weight", "beta", "learning_rate",
-            "grad_accumulation", "warmup_steps", "max_grad_norm", "max_steps", "checkpoint_every", "kl_every",
-            "kl_target", "lr_backoff", "max_retries")
+WORK = Path("checkpoints/iterate")  
 
-
-def _files_hash(*paths: Path) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
-            if f.is_file():
-                digest.update(str(f).encode() + b"\0" + f.read_bytes())
-    return digest.hexdigest()
 
 
 @click.command()
@@ -83,10 +70,10 @@ def main(params_path: str) -> None:
                       heldout_pairs=heldout_pairs, heldout_sft_logps=heldout_cache, heldout_items=heldout_items,
                       beta=p.dpo.beta, length_normalize=p.dpo.length_normalize,
                       benchmark_fn=benchmark_fn if p.benchmarks.tasks else None, work_dir=WORK)
-    dpo_params = {k: getattr(p.dpo, k) for k in DPO_KEYS}
+    dpo_params = {k: getattr(p.dpo, k) for k in dpo.STAGE_KEYS}
     fingerprint = repr((s, dpo_params, p.preference, p.init, p.benchmarks, p.seed, batch_size,
-                        _files_hash(SFT, DPO, ROUNDS, HELDOUT_TASKS, HELDOUT_PAIRS, SPLITS / "lm_eval")
-                        + (_files_hash(reward_path) if pp.judge == "reward_model" else "")))
+                        io.files_hash(SFT, DPO, ROUNDS, HELDOUT_TASKS, HELDOUT_PAIRS, SPLITS / "lm_eval")
+                        + (io.files_hash(reward_path) if pp.judge == "reward_model" else "")))
     result = run_iteration(
         sft_dir=SFT, dpo_dir=DPO, round_items=round_items, judge=judge,
         preference_config=PreferenceConfig.from_params(p), eval_texts=eval_texts,

@@ -99,7 +99,7 @@ def pipeline(tmp_path_factory) -> Path:
     """One full `dvc repro` of the CI profile, committed. Tests may edit params but must restore them + repro."""
     project = make_project(tmp_path_factory.mktemp("pipeline") / "project")
     use_repo_dvc_config(project)
-    run(project, "git", "commit", "-qam", "repo .dvc/config")
+    commit_all(project, "the repo's .dvc/config")
     t0 = time.perf_counter()
     proc = run(project, "dvc", "repro")
     seconds = time.perf_counter() - t0
