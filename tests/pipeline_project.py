@@ -57,7 +57,7 @@ def make_project(dst: Path, overrides: dict | None = None) -> Path:
     run(dst, "git", "init", "-q")
     run(dst, "dvc", "init", "-q")
     run(dst, "dvc", "config", "core.analytics", "false")
-    run(dst, "dvc", "config", "core.site_cache_dir", ".dvc/site_cache")
+    run(dst, "dvc", "config", "--local", "core.site_cache_dir", str(dst / ".dvc" / "site_cache"))
     (dst / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n/site_cache\n")
     run(dst, "git", "add", "-A")
     run(dst, "git", "commit", "-qm", "CI profile project")
