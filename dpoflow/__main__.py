@@ -33,6 +33,34 @@ def setup_blas() -> None:
     click.echo(device.install_fast_blas())
 
 
+@cli.command("tune-batch")
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--model", "model_dir", default=None, help="mlx-lm model folder [default: models/sft, else models/base]")
+@click.option("--candidates", default="1,2,4,8,16,32", show_default=True, help="batch sizes (pairs) to try")
+@click.option("--prompt-len", default=48, show_default=True, help="prompt tokens of the synthetic pairs")
+@click.option("--completion-len", default=24, show_default=True, help="completion tokens (chosen and rejected)")
+@click.option("--steps", default=2, show_default=True, help="timed steps per batch size (after one warm-up)")
+@click.option("--memory-fraction", default=0.6, show_default=True, help="peak memory budget, fraction of RAM")
+def tune_batch_cmd(params_path: str, model_dir: str | None, candidates: str, prompt_len: int, completion_len: int,
+                   steps: int, memory_fraction: float) -> None:
+    """Time the DPO step (Stage 5's) at candidate batch sizes on this chip; print the batch size to put under
+    this chip in params.yaml (batch_size.<chip>)."""
+    from pathlib import Path
+
+    from dpoflow.tune import tune_batch
+
+    params = load_params(params_path)
+    chip = params.resolved_chip()
+    if model_dir is None:
+        model_dir = "models/sft" if Path("models/sft/config.json").exists() else "models/base"
+    click.echo(f"chip {chip}, model {model_dir}, dpo.finetune {params.dpo.finetune}, "
+               f"pairs of {prompt_len} + {completion_len} tokens")
+    trials, best = tune_batch(Path(model_dir), params.dpo, [int(c) for c in candidates.split(",")], prompt_len,
+                              completion_len, steps, memory_fraction, log=click.echo)
+    click.echo(f"best: batch {best.batch_size} ({best.pairs_per_sec:.2f} pairs/s, peak {best.peak_memory_gb:.2f} GB)")
+    click.echo(f"params.yaml:\nbatch_size:\n  {chip}: {best.batch_size}")
+
+
 def main() -> None:
     cli()
 

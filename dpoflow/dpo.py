@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from dpoflow import io
+from dpoflow import distributed, io
 from dpoflow.batching import EncodedPair, PairBatch, collate_pairs, encode_pair, split_pairs
 from dpoflow.logprobs import completion_logprobs
 from dpoflow.losses import dpo_loss, heldout_preference_gap, normalize_by_length, preference_stats, sft_loss
@@ -200,12 +200,16 @@ class _Attempts:
     def __init__(self, checkpoint_dir: Optional[Path], fingerprint: str):
         self.dir, self.fingerprint, self.failed = checkpoint_dir, fingerprint, []
         path = self._path()
+        stale = False
         if path is not None and path.exists():
             state = io.read_json(path)
             if state.get("fingerprint") == fingerprint:
                 self.failed = state["failed"]
             else:  # params or data changed: nothing to resume
-                shutil.rmtree(self.dir, ignore_errors=True)
+                stale = True
+        distributed.barrier()  # every rank has read the state before rank 0 deletes it
+        if stale and distributed.is_main_process():
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def _path(self) -> Optional[Path]:
         return None if self.dir is None else Path(self.dir) / ATTEMPTS_FILE
@@ -215,7 +219,7 @@ class _Attempts:
 
     def record_failure(self, attempt: dict) -> None:
         self.failed.append(attempt)
-        if self.dir is not None:
+        if self.dir is not None and distributed.is_main_process():
             io.write_json(self._path(), {"fingerprint": self.fingerprint, "failed": self.failed})
             shutil.rmtree(self.attempt_dir(attempt["attempt"]), ignore_errors=True)
 
@@ -285,8 +289,9 @@ def train_dpo(
     eval_batch = 2 * batch_size  # forward only
     timers = {"eval_seconds": 0.0}
 
-    def batch_at(step: int, micro: int) -> DpoBatch:
-        return make_batch(encoded, schedule(step, micro), ref_logps, pad_id)
+    def batch_at(step: int, micro: int) -> tuple[DpoBatch, float]:
+        indices, keep = schedule.shard(step, micro)  # this rank's part of the global batch (all of it on one process)
+        return make_batch(encoded, indices, ref_logps, pad_id), keep * len(indices)  # the loss: a mean over pairs
 
     def evaluate(step: int) -> dict[str, float]:
         start = time.perf_counter()

@@ -409,11 +409,12 @@ def export_final(sft_dir: str | Path, selected_dir: str | Path, out_dir: str | P
     from dpoflow.iterate import load_selected
 
     model, tokenizer, selection = load_selected(Path(sft_dir), Path(selected_dir), dtype=dtype, fuse=True)
-    models.save_model(model, tokenizer, Path(out_dir), io.read_json(Path(sft_dir) / "config.json"))
-    info = {"selected_round": selection.get("round"), "reference": selection.get("reference"),
-            "iterate_reference": selection.get("iterate_reference"), "sft_hash": selection.get("reference_hash"),
-            "finetune": selection.get("finetune"), "model_hash": models.model_hash(Path(out_dir))}
-    io.write_json(Path(out_dir) / "export_info.json", info)
+    with io.atomic_path(out_dir) as tmp:  # the model and export_info.json appear together, or not at all
+        models.save_model(model, tokenizer, tmp, io.read_json(Path(sft_dir) / "config.json"))
+        info = {"selected_round": selection.get("round"), "reference": selection.get("reference"),
+                "iterate_reference": selection.get("iterate_reference"), "sft_hash": selection.get("reference_hash"),
+                "finetune": selection.get("finetune"), "model_hash": models.model_hash(tmp)}
+        io.write_json(tmp / "export_info.json", info)
     return info
 
 

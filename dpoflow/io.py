@@ -1,6 +1,14 @@
-"""Atomic file writes: a killed process never leaves a half-written artifact behind."""
+"""Atomic file writes: a killed process never leaves a half-written artifact behind.
+
+Every artifact write goes through `atomic_path`: the content is written to a temporary next to the target and
+renamed over it only when complete. A failed write (an exception, a full disk) removes its temporary and leaves
+the previous version intact; what a SIGKILLed writer left behind (its temporary, or a directory moved aside but not
+yet replaced) is cleaned up or put back by the next write of that target (`recover`). Under data-parallel training
+only rank 0 may write (dpoflow.distributed): any other rank raises instead of racing it.
+"""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -21,14 +29,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def recover(target: str | os.PathLike) -> None:
+    """Undo what a killed writer of `target` left: put back a directory it had moved aside (`.<name>.old`, the
+    last complete version) if `target` is missing, and remove its temporaries (`.<name>.*.tmp`)."""
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if old.is_dir() and not target.exists():
+        os.rename(old, target)
+    parent, name, rnd = glob.escape(str(target.parent)), glob.escape(target.name), "?" * 8  # mkdtemp's 8 characters
+    for pattern in (f".{name}.{rnd}.tmp", f"..{name}.{rnd}.tmp.{rnd}.tmp"):  # its own, and those of a nested write
+        for stale in glob.glob(os.path.join(parent, pattern)):
+            shutil.rmtree(stale) if os.path.isdir(stale) and not os.path.islink(stale) else os.unlink(stale)
+
+
+def _check_writer(target: Path) -> None:
+    from dpoflow.distributed import current_rank
+
+    if current_rank() != 0:
+        raise RuntimeError(f"{target}: rank {current_rank()} tried to write it; under data-parallel training only "
+                           "rank 0 writes artifacts (dpoflow.distributed.is_main_process)")
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `target`; rename it over `target` only if the block succeeds.
 
-    Works for files and directories. On error the temporary is removed and the old target is untouched.
+    Works for files and directories. On error (a full disk included) the temporary is removed and the old target
+    is untouched; the error gets a note naming the target.
     """
     target = Path(target)
+    _check_writer(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     tmp.rmdir()  # the caller creates a file or a directory at this path
     try:
@@ -45,6 +77,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
                     os.fsync(f.fileno())
             os.replace(tmp, target)
         _fsync_dir(target.parent)
+    except Exception as err:
+        err.add_note(f"while writing {target}: nothing was replaced (the previous version, if any, is intact)")
+        raise
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

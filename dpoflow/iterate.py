@@ -368,16 +368,17 @@ def save_snapshot(policy: RoundPolicy, out_dir: Path, sft_hash: str, round_index
                   sft_dir: Path) -> Path:
     """A round's snapshot: LoRA adapters (+ adapter_config.json) or full weights, plus policy_config.json."""
     out_dir = Path(out_dir)
-    if policy.finetune == "lora":
-        models.save_adapters(policy.model, out_dir, policy.adapter_config)
-        weights = "adapters.safetensors"
-    else:
-        models.save_model(policy.model, policy.tokenizer, out_dir, io.read_json(Path(sft_dir) / "config.json"))
-        weights = "model.safetensors"
-    io.write_json(out_dir / POLICY_CONFIG, {
-        "fine_tune_type": policy.finetune, "reference_hash": sft_hash, "weights": weights, "round": round_index,
-        # previous-reference LoRA adapters apply on top of the earlier rounds fused, not on SFT: use load_selected
-        "applies_to": "sft" if (policy.finetune == "full" or reference == "initial") else "chain"})
+    with io.atomic_path(out_dir) as tmp:  # weights and policy_config.json appear together, or not at all
+        if policy.finetune == "lora":
+            models.save_adapters(policy.model, tmp, policy.adapter_config)
+            weights = "adapters.safetensors"
+        else:
+            models.save_model(policy.model, policy.tokenizer, tmp, io.read_json(Path(sft_dir) / "config.json"))
+            weights = "model.safetensors"
+        io.write_json(tmp / POLICY_CONFIG, {
+            "fine_tune_type": policy.finetune, "reference_hash": sft_hash, "weights": weights, "round": round_index,
+            # previous-reference LoRA adapters apply on top of the earlier rounds fused, not on SFT: use load_selected
+            "applies_to": "sft" if (policy.finetune == "full" or reference == "initial") else "chain"})
     return out_dir
 
 

@@ -11,13 +11,18 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
 
+import click
 import yaml
+
+from dpoflow.distributed import BACKENDS
+from dpoflow.tasks import SPLITS
 
 CHIPS = ("m4_max", "m3_ultra", "apple", "cpu", "cuda")
 
 
-class ParamsError(ValueError):
-    """A params.yaml value is missing or not allowed."""
+class ParamsError(click.ClickException, ValueError):
+    """A params.yaml value is missing or not allowed. A click error: a stage script prints `Error: <message>` and
+    exits 1 before doing any work (no traceback)."""
 
 
 def _spec(default: Any = dataclasses.MISSING, *, choices=None, low=None, high=None, low_open=False,
@@ -164,6 +169,13 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class DistributedParams:
+    # Data-parallel training (docs/distributed.md): auto = whatever `mlx.launch` set up (one process when not
+    # launched); a named backend requires launching with it; none = always one process.
+    backend: str = _spec("auto", choices=BACKENDS)
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = _spec(0, low=0)
     chip: str = _spec("auto", choices=("auto",) + CHIPS)
@@ -178,6 +190,7 @@ class Params:
     dpo: DpoParams = field(default_factory=DpoParams)
     iterate: IterateParams = field(default_factory=IterateParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    distributed: DistributedParams = field(default_factory=DistributedParams)
 
     def resolved_chip(self) -> str:
         from dpoflow.device import detect_chip
@@ -204,11 +217,17 @@ def _check_value(key: str, value: Any, typ: Any, meta: dict) -> Any:
         if not isinstance(value, bool):
             raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; use true or false")
     elif base in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (base is int and not float(value).is_integer()):
-            raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; expected a{'n integer' if base is int else ' number'}")
-        value = base(value)
-        if not math.isfinite(value):
+        expected = "an integer" if base is int else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; expected {expected}")
+        if isinstance(value, float) and not math.isfinite(value):
             raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; expected a finite number")
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; expected {expected}")
+        try:
+            value = base(value)
+        except OverflowError:  # an integer literal too large for a float
+            raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; expected a finite number") from None
     elif base is str and not isinstance(value, str):
         raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; expected a string")
     elif base is list and not isinstance(value, list):
@@ -218,11 +237,11 @@ def _check_value(key: str, value: Any, typ: Any, meta: dict) -> Any:
     if meta.get("choices") and value not in meta["choices"]:
         raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; allowed values: {', '.join(meta['choices'])}")
     low, high = meta.get("low"), meta.get("high")
-    if low is not None and (value < low or (meta.get("low_open") and value == low)):
-        bound = f"> {low}" if meta.get("low_open") else f">= {low}"
-        raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; must be {bound}" + (f" and <= {high}" if high is not None else ""))
-    if high is not None and value > high:
-        raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; must be <= {high}")
+    too_low = low is not None and (value < low or (meta.get("low_open") and value == low))
+    if too_low or (high is not None and value > high):
+        bounds = [] if low is None else [f"> {low}" if meta.get("low_open") else f">= {low}"]
+        bounds += [] if high is None else [f"<= {high}"]
+        raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; must be {' and '.join(bounds)}")
     return value
 
 
@@ -230,7 +249,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ParamsError(f"params.yaml: {prefix or 'top level'}: expected a mapping, got {type(raw).__name__}")
+        raise ParamsError(f"params.yaml: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {type(raw).__name__}")
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(raw) - known)
@@ -250,13 +269,26 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def parse_params(raw: dict) -> Params:
     params = _build(Params, raw, "")
-    missing = [c for c in CHIPS if c not in params.batch_size]
-    if missing:
-        raise ParamsError(f"params.yaml: batch_size.{missing[0]}: missing; every chip needs a batch size: {', '.join(CHIPS)}")
     for chip, value in params.batch_size.items():
         if chip not in CHIPS:
             raise ParamsError(f"params.yaml: batch_size.{chip}: unknown chip; allowed values: {', '.join(CHIPS)}")
         _check_value(f"batch_size.{chip}", value, int, {"low": 1})
+    missing = [c for c in CHIPS if c not in params.batch_size]
+    if missing:
+        raise ParamsError(f"params.yaml: batch_size.{missing[0]}: missing; every chip needs a batch size: {', '.join(CHIPS)}")
+    if not params.model.base.strip():
+        raise ParamsError("params.yaml: model.base: '' is not allowed; expected a model folder, .gguf file, "
+                          "package:<module>/<file>, tiny, or a hub id")
+    for name, value in params.data.sizes.items():
+        if name not in SPLITS:
+            raise ParamsError(f"params.yaml: data.sizes.{name}: unknown split; allowed keys: {', '.join(SPLITS)}")
+        _check_value(f"data.sizes.{name}", value, int, {"low": 0})
+    for i, task in enumerate(params.benchmarks.tasks):
+        if not isinstance(task, str) or not task.strip():
+            raise ParamsError(f"params.yaml: benchmarks.tasks[{i}]: {task!r} is not allowed; expected a task name")
+    if params.preference.judge == "import" and not params.preference.import_path:
+        raise ParamsError("params.yaml: preference.import_path: missing; preference.judge: import needs a JSONL/"
+                          "Parquet file or a datasets name")
     if params.dpo.loss_type in ("robust", "conservative") and params.dpo.label_smoothing >= 0.5:
         raise ParamsError("params.yaml: dpo.label_smoothing: must be < 0.5 for robust/conservative losses")
     return params

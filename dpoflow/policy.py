@@ -184,14 +184,14 @@ def save_policy(policy: Policy, out_dir: Path, weights: bool = True) -> Path:
     """
     out_dir = Path(out_dir)
     meta = {"fine_tune_type": policy.finetune, "reference_hash": policy.reference_hash}
-    if policy.finetune == "lora":
-        models.save_adapters(policy.model, out_dir, policy.adapter_config)
-        io.write_json(out_dir / POLICY_CONFIG, {**meta, "weights": "adapters.safetensors"})
-    elif weights:
-        models.save_model(policy.model, policy.tokenizer, out_dir, io.read_json(policy.reference_dir / "config.json"))
-        io.write_json(out_dir / POLICY_CONFIG, {**meta, "weights": "model.safetensors"})
-    else:
-        with io.atomic_path(out_dir) as tmp:
+    with io.atomic_path(out_dir) as tmp:  # weights and policy_config.json appear together, or not at all
+        if policy.finetune == "lora":
+            models.save_adapters(policy.model, tmp, policy.adapter_config)
+            io.write_json(tmp / POLICY_CONFIG, {**meta, "weights": "adapters.safetensors"})
+        elif weights:
+            models.save_model(policy.model, policy.tokenizer, tmp, io.read_json(policy.reference_dir / "config.json"))
+            io.write_json(tmp / POLICY_CONFIG, {**meta, "weights": "model.safetensors"})
+        else:
             tmp.mkdir()
             io.write_json(tmp / POLICY_CONFIG, {**meta, "weights": "reference"})
     return out_dir

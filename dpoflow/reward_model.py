@@ -341,8 +341,10 @@ def train_reward_model(rm: RewardModel, pairs: Sequence[Mapping[str, Any]], *, l
         s = pair_stats(c, w)
         return {"val_accuracy": s["accuracy"], "val_margin_mean": s["margin_mean"], "val_loss": s["loss"]}
 
-    def batch_at(step: int, micro: int) -> RewardBatch:
-        return make_batch(encoded, [train_idx[j] for j in schedule(step, micro)], rm.pad_id, margins)
+    def batch_at(step: int, micro: int) -> tuple[RewardBatch, float]:
+        indices, keep = schedule.shard(step, micro)  # this rank's part of the global batch (all of it on one process)
+        batch = make_batch(encoded, [train_idx[j] for j in indices], rm.pad_id, margins)
+        return batch, keep * len(indices)  # the loss: a mean over pairs
 
     cfg = TrainConfig(steps=steps, learning_rate=learning_rate, warmup_steps=min(MAX_WARMUP_STEPS, steps // 10),
                       max_grad_norm=max_grad_norm, eval_every=per_epoch, checkpoint_every=checkpoint_every,

@@ -86,11 +86,15 @@ def run_sft(model: nn.Module, tokenizer: Any, train_items: Sequence[dict], val_i
         acc = greedy_accuracy(model, tokenizer, val_items, system_prompt, desc=f"val@{step}")
         return {"val_loss": validation_loss(model, val_ex, pad_id, batch_size * 2), "val_accuracy": acc["accuracy"]}
 
+    def batch_at(step: int, micro: int) -> tuple[SeqBatch, float]:
+        indices, keep = schedule.shard(step, micro)  # this rank's part of the global batch (all of it on one process)
+        batch = collate([train_ex[i] for i in indices], pad_id)
+        return batch, keep * float(batch.completion_lengths.sum())  # nll_loss is a mean over completion tokens
+
     cfg = TrainConfig(steps=steps, learning_rate=learning_rate, warmup_steps=warmup_steps, eval_every=val_every,
                       checkpoint_every=max(1, val_every), seed=seed, checkpoint_dir=checkpoint_dir,
                       fingerprint=fingerprint, desc="sft")
-    result = train(model, nll_loss, lambda step, micro: collate([train_ex[i] for i in schedule(step, micro)], pad_id),
-                   cfg, evaluate=evaluate, live=live, tokens_in=lambda b: b.n_tokens)
+    result = train(model, nll_loss, batch_at, cfg, evaluate=evaluate, live=live, tokens_in=lambda b: b.n_tokens)
     final = result.evals[-1]
     tail = result.history[-10:]
     return {

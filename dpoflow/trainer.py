@@ -10,6 +10,11 @@ A checkpoint holds the trainable parameters, the optimizer state, the step and t
 state is re-seeded from (seed, step) at every step, so a killed run resumes where it stopped and ends with the same
 final metrics as an uninterrupted one. Non-finite loss or gradients stop training with `TrainingDiverged`; the last
 good checkpoint stays on disk. An `evaluate` callback may raise `StopTraining` to end training early and cleanly.
+
+Data parallel (docs/distributed.md): under `mlx.launch` each rank gets its shard of every global micro-batch
+(`BatchSchedule.shard`) with a weight (the examples or tokens its loss averages over); gradients and metrics are
+scaled by the rank's share of the global weight and summed over ranks, so a step equals the single-process step at
+the same global batch. Only rank 0 logs, checkpoints and (in the stages) writes artifacts.
 """
 from __future__ import annotations
 
@@ -23,10 +28,10 @@ from typing import Any, Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
-from dpoflow import io
+from dpoflow import distributed, io
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], tuple[mx.array, dict[str, mx.array]]]
@@ -87,16 +92,8 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     return optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
 
 
-def _average_gradients(grads: Any) -> Any:
-    """Data parallel: average gradients over all ranks (a no-op on one process)."""
-    group = mx.distributed.init()
-    if group.size() == 1:
-        return grads
-    return tree_unflatten([(k, mx.distributed.all_sum(v) / group.size()) for k, v in tree_flatten(grads)])
-
-
 def is_main_process() -> bool:
-    return mx.distributed.init().rank() == 0
+    return distributed.is_main_process()
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -140,6 +137,10 @@ def _replay(live: Any, history: list[dict], evals: list[dict]) -> None:
         _log_step(live, metrics, [e for e in evals if e["step"] == metrics["step"]])
 
 
+def _with_weight(item: Any) -> tuple[Batch, float]:
+    return item if isinstance(item, tuple) else (item, 1.0)
+
+
 def _to_floats(aux: dict[str, mx.array]) -> dict[str, float]:
     return {k: float(v.item()) if isinstance(v, mx.array) else float(v) for k, v in aux.items()}
 
@@ -148,7 +149,7 @@ def _to_floats(aux: dict[str, mx.array]) -> dict[str, float]:
 def train(
     model: nn.Module,
     loss_fn: LossFn,
-    batch_at: Callable[[int, int], Batch],
+    batch_at: Callable[[int, int], Any],
     cfg: TrainConfig,
     evaluate: Optional[Callable[[int], dict[str, float]]] = None,
     live: Any = None,
@@ -157,9 +158,12 @@ def train(
 ) -> TrainResult:
     """Train `model`'s trainable parameters for cfg.steps optimizer steps.
 
-    batch_at(step, micro) returns the micro-batch `micro` of optimizer step `step` (deterministic).
-    loss_fn(model, batch) returns (scalar loss, aux metrics). evaluate(step) returns metrics to log; it may raise
-    to stop training early: StopTraining ends it cleanly (train returns), any other exception propagates.
+    batch_at(step, micro) returns (batch, weight): this rank's part of micro-batch `micro` of optimizer step `step`
+    (deterministic; all of it on one process) and the number of examples or tokens its loss is a mean over (0 for a
+    stand-in, see BatchSchedule.shard); a plain batch means weight 1 (equal shares when data parallel).
+    loss_fn(model, batch) returns (scalar loss, aux metrics: batch means).
+    evaluate(step) returns metrics to log; it may raise to stop training early: StopTraining ends it cleanly (train
+    returns), any other exception propagates.
     live is a dvclive.Live (or None). on_step(step, metrics) runs at the end of every completed step (after its
     checkpoint, if any); an exception raised there propagates (tests use it to simulate a killed run).
     """
@@ -168,11 +172,15 @@ def train(
     value_and_grad = nn.value_and_grad(model, loss_fn)
     start, history, evals = 0, [], []
     ckpt = cfg.checkpoint_dir
-    if ckpt is not None and (ckpt / "state.json").exists():
-        if io.read_json(ckpt / "state.json").get("fingerprint", "") == cfg.fingerprint:
-            start, history, evals = load_checkpoint(ckpt, model, optimizer)
-        else:  # params or data changed since the checkpoint: start over
-            shutil.rmtree(ckpt)
+    if ckpt is not None and is_main_process():
+        io.recover(ckpt)  # killed while replacing the checkpoint: the previous one is put back
+    distributed.barrier()
+    found = ckpt is not None and (ckpt / "state.json").exists()
+    if found and io.read_json(ckpt / "state.json").get("fingerprint", "") == cfg.fingerprint:
+        start, history, evals = load_checkpoint(ckpt, model, optimizer)
+    distributed.check_same("the step to resume from", start)  # every rank must resume from the same checkpoint
+    if found and start == 0 and is_main_process():  # params or data changed since the checkpoint: start over
+        shutil.rmtree(ckpt)
     if live is not None and is_main_process():
         _replay(live, history, evals)  # a resumed run's curves start from step 1, not from the checkpoint
     t0 = time.perf_counter()
@@ -185,15 +193,20 @@ def train(
         mx.random.seed(step_seed(cfg.seed, step))
         grads_sum, aux_sum, n_tokens = None, {}, 0
         for micro in range(cfg.grad_accumulation):
-            batch = batch_at(step, micro)
+            batch, weight = _with_weight(batch_at(step, micro))
+            share = distributed.share(weight)  # this rank's part of the global micro-batch (1.0 on one process)
             (loss, aux), grads = value_and_grad(model, batch)
-            n_tokens += tokens_in(batch)
+            n_tokens += tokens_in(batch) if weight else 0
+            if share != 1.0:
+                grads = tree_map(lambda g: g * share, grads)
             grads_sum = grads if grads_sum is None else tree_unflatten(
                 [(k, g + h) for (k, g), (_, h) in zip(tree_flatten(grads_sum), tree_flatten(grads))])
             aux = {"loss": loss, **aux}
-            aux_sum = {k: aux_sum.get(k, 0) + v for k, v in aux.items()}
+            aux_sum = {k: aux_sum.get(k, 0) + share * v for k, v in aux.items()}
         grads = tree_unflatten([(k, g / cfg.grad_accumulation) for k, g in tree_flatten(grads_sum)])
-        grads = _average_gradients(grads)
+        grads = distributed.sum_gradients(grads)  # the global batch's mean gradient, identical on every rank
+        aux_sum = distributed.sum_values({**aux_sum, "tokens": n_tokens})
+        n_tokens = int(aux_sum.pop("tokens"))
         if cfg.max_grad_norm:
             grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         else:
@@ -222,6 +235,7 @@ def train(
             except StopTraining as stop:
                 evals.append({"step": step + 1, **stop.metrics})
                 stopped = stop.reason
+            stopped = distributed.decision_of_main(stopped)  # all ranks stop together, as rank 0 decided
         if live is not None and is_main_process():
             _log_step(live, metrics, [e for e in evals if e["step"] == step + 1])
         if stopped is not None:
@@ -267,5 +281,16 @@ class BatchSchedule:
         return self._epochs[epoch]
 
     def __call__(self, step: int, micro: int = 0) -> list[int]:
+        """The global micro-batch `micro` of optimizer step `step` (every rank computes the same)."""
         k = step * self.accum + micro
         return self._epoch(k // self.per_epoch)[k % self.per_epoch]
+
+    def shard(self, step: int, micro: int = 0) -> tuple[list[int], float]:
+        """(indices, keep): this rank's part of the global micro-batch, every size-th index from position rank
+        (strided: the batch is sorted by length, so the shards get similar lengths), and keep = 1.0. A rank left
+        with nothing (a global batch smaller than the number of ranks) gets the first index as a stand-in and
+        keep = 0.0: it runs the same forward/backward and all-reduce, with weight 0 (batch_at returns keep * weight).
+        """
+        indices, rank, size = self(step, micro), distributed.rank(), distributed.size()
+        mine = indices[rank::size]
+        return (mine, 1.0) if mine else (indices[:1], 0.0)

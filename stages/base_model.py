@@ -28,10 +28,11 @@ def main(params_path: str) -> None:
         model, tokenizer = models.load_model(folder, trust_remote_code=p.model.trust_remote_code,
                                              allow_pickle=p.model.allow_pickle, dtype=p.model.dtype)
         config = io.read_json(Path(folder) / "config.json")
-        models.save_model(model, tokenizer, OUT, config)
-        for extra in ("chat_template.jinja", "dpoflow_source.json"):
-            if (Path(folder) / extra).exists():
-                shutil.copy(Path(folder) / extra, OUT / extra)
+        with io.atomic_path(OUT) as tmp:  # the model and its extra files appear together, or not at all
+            models.save_model(model, tokenizer, tmp, config)
+            for extra in ("chat_template.jinja", "dpoflow_source.json"):
+                if (Path(folder) / extra).exists():
+                    shutil.copy(Path(folder) / extra, tmp / extra)
     check = models.verify_model(OUT)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     click.echo(f"base model: {p.model.base} -> {OUT} ({n_params / 1e6:.1f}M params); greedy: {check['greedy']!r}")

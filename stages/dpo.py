@@ -3,13 +3,14 @@ held-out KL every dpo.kl_every steps (over dpo.kl_target: lower the learning rat
 writes the trained policy, the metrics the gate reads, and the training curves."""
 import logging
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
 import mlx.core as mx
 from dvclive import Live
 
-from dpoflow import dpo, io, tasks
+from dpoflow import distributed, dpo, io, tasks
 from dpoflow.data import read_pairs
 from dpoflow.dpo import train_dpo
 from dpoflow.params import load_params
@@ -30,6 +31,7 @@ CHECKPOINT = Path("checkpoints/dpo")
 def main(params_path: str) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")  # the library's warnings
     p = load_params(params_path)
+    distributed.init(p.distributed.backend)  # data parallel under mlx.launch (docs/distributed.md)
     chip, batch_size = p.resolved_batch_size()
     click.echo(f"chip {chip}: batch size {batch_size}")
     mx.random.seed(p.seed)
@@ -41,12 +43,15 @@ def main(params_path: str) -> None:
     kl_settings = (p.init.kl_prompts, p.init.kl_samples, p.init.kl_max_tokens)
     fingerprint = repr((dpo_params, p.seed, batch_size, p.model.dtype, p.preference.max_seq_len, kl_settings,
                         p.data.system_prompt, io.files_hash(POLICY_INIT, REF_LOGPS, *PAIRS.values())))
-    with Live("dvclive/dpo", save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    main_rank = distributed.is_main_process()  # only rank 0 writes curves and artifacts
+    with (Live("dvclive/dpo", save_dvc_exp=False, dvcyaml=None, report=None) if main_rank else nullcontext()) as live:
         result = train_dpo(
             policy.model, policy.tokenizer, pairs["train"], cache["train"], pairs["heldout"], cache["heldout"],
             prompts, p.dpo, batch_size, p.seed, live, CHECKPOINT, reference=policy.reference,
             fingerprint=fingerprint, max_len=p.preference.max_seq_len, kl_samples=p.init.kl_samples,
             kl_max_tokens=p.init.kl_max_tokens)
+    if not main_rank:
+        return
     save_policy(policy, OUT)
     io.write_json("metrics/dpo.json", {**result.metrics, "finetune": policy.finetune, "chip": chip,
                                        "batch_size": batch_size, "reference_hash": policy.reference_hash})

@@ -4,6 +4,7 @@ and (optionally) the pairs the model confidently contradicts. Writes models/rewa
 metrics/reward_model.json (+ metrics/perf/reward_model.json) and dvclive/reward_model."""
 import hashlib
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import click
 import mlx.core as mx
 from dvclive import Live
 
-from dpoflow import io, models
+from dpoflow import distributed, io, models
 from dpoflow.data import read_pairs
 from dpoflow.params import load_params
 from dpoflow.reward_model import build_reward_model, save_reward_model, train_reward_model
@@ -36,6 +37,7 @@ def _file_sha256(path: Path) -> str:
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
 def main(params_path: str) -> None:
     p = load_params(params_path)
+    distributed.init(p.distributed.backend)  # data parallel under mlx.launch (docs/distributed.md)
     rp = p.reward_model
     chip, batch_size = p.resolved_batch_size()
     click.echo(f"chip {chip}: batch size {batch_size} pairs")
@@ -48,12 +50,16 @@ def main(params_path: str) -> None:
     train_params = {k: v for k, v in asdict(rp).items() if k not in GATE_ONLY}
     fingerprint = repr((sorted(train_params.items()), p.seed, batch_size, p.preference.max_seq_len, base_hash,
                         _file_sha256(PAIRS)))
-    with Live("dvclive/reward_model", save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    main_rank = distributed.is_main_process()  # only rank 0 writes curves and artifacts
+    with (Live("dvclive/reward_model", save_dvc_exp=False, dvcyaml=None, report=None) if main_rank
+          else nullcontext()) as live:
         result = train_reward_model(
             rm, pairs, learning_rate=rp.learning_rate, epochs=rp.epochs, batch_size=batch_size, seed=p.seed,
             val_fraction=rp.val_fraction, margin=rp.margin, center_coef=rp.center_coef,
             max_overfit_gap=rp.max_overfit_gap, contradiction_filter=rp.contradiction_filter, live=live,
             checkpoint_dir=CHECKPOINT, fingerprint=fingerprint)
+    if not main_rank:
+        return
     save_reward_model(rm, OUT, BASE, base_hash)
     contradictions = result.pop("contradictions")
     io.write_jsonl(CONTRADICTIONS, contradictions)  # empty when reward_model.contradiction_filter is null

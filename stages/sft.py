@@ -1,13 +1,14 @@
 """Stage 1: SFT preparation. Fine-tune the base model on the task's SFT split, validate on the held-out split,
 run the capability benchmarks through lm-eval and record the baseline metrics later stages compare against."""
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
 import mlx.core as mx
 from dvclive import Live
 
-from dpoflow import benchmarks, io, models, tasks
+from dpoflow import benchmarks, distributed, io, models, tasks
 from dpoflow.params import load_params
 from dpoflow.sft import run_sft
 
@@ -19,6 +20,7 @@ CHECKPOINT = Path("checkpoints/sft")  # resume point of a killed run (not a DVC 
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
 def main(params_path: str) -> None:
     p = load_params(params_path)
+    distributed.init(p.distributed.backend)  # data parallel under mlx.launch (docs/distributed.md)
     chip, batch_size = p.resolved_batch_size()
     click.echo(f"chip {chip}: batch size {batch_size}")
     mx.random.seed(p.seed)
@@ -28,17 +30,20 @@ def main(params_path: str) -> None:
     else:
         model.unfreeze()
     splits = Path("data/tasks")
-    with Live("dvclive/sft", save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    main_rank = distributed.is_main_process()  # only rank 0 writes curves and artifacts
+    with (Live("dvclive/sft", save_dvc_exp=False, dvcyaml=None, report=None) if main_rank else nullcontext()) as live:
         result = run_sft(
             model, tokenizer, tasks.read_split(splits / "sft_train.jsonl"), tasks.read_split(splits / "sft_val.jsonl"),
             system_prompt=p.data.system_prompt, steps=p.sft.steps, learning_rate=p.sft.learning_rate,
             warmup_steps=p.sft.warmup_steps, max_seq_len=p.sft.max_seq_len, batch_size=batch_size,
             val_every=p.sft.val_every, seed=p.seed, live=live, checkpoint_dir=CHECKPOINT,
             fingerprint=repr((p.sft, p.seed, batch_size, models.model_hash(Path("models/base")))))
+    if not main_rank:
+        return
     models.fuse_lora(model)
     models.save_model(model, tokenizer, OUT, io.read_json(Path("models/base/config.json")))
-    bench = benchmarks.run_benchmarks(OUT, p.benchmarks.tasks, include_path=splits / "lm_eval",
-                                      limit=p.benchmarks.limit, seed=p.seed, batch_size=p.benchmarks.batch_size)
+    bench = distributed.alone(benchmarks.run_benchmarks, OUT, p.benchmarks.tasks, include_path=splits / "lm_eval",
+                              limit=p.benchmarks.limit, seed=p.seed, batch_size=p.benchmarks.batch_size)
     perf = result.pop("perf")
     io.write_json("metrics/sft.json", {**result, "chip": chip, "batch_size": batch_size,
                                        "benchmarks": {name: r["score"] for name, r in bench.items()},

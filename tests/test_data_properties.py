@@ -1,7 +1,9 @@
 """Property tests: whatever the input, loading never crashes and every row is accounted for.
 
 Arbitrary bytes, invalid UTF-8, broken JSON, wrong types, missing fields, empty strings, huge rows and
-duplicate rows must each end as an accepted pair or a quarantine row with location, field and reason.
+duplicate rows must each end as an accepted pair or a quarantine row with location, field and reason; the same
+for Parquet files with any column types; a corrupt Parquet file is one DataFormatError naming it; a length limit
+quarantines exactly the over-long rows.
 """
 from __future__ import annotations
 
@@ -10,10 +12,14 @@ import re
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpoflow.data import convert_rows, load_pairs, read_pairs, write_pairs, write_quarantine
+from dpoflow.data import (DataFormatError, convert_rows, load_pairs, prompt_text, read_pairs, write_pairs,
+                          write_quarantine)
 from dpoflow.training_metrics import validate_dpo_pairs
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -179,3 +185,75 @@ def has_cycle(graph: set[tuple[str, str]]) -> bool:
         return False
 
     return any(node not in state and visit(node) for node in nodes)
+
+
+# --- Parquet input: the same accounting, whatever the column types; a corrupt file is one clear error ---------------
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+parquet_texts = texts.map(lambda s: s.encode("utf-8", "replace").decode("utf-8"))  # Parquet strings are UTF-8
+COLUMN_KINDS = {  # Parquet columns have one type each: every column of a file gets one of these, nulls allowed
+    "string": (pa.string(), parquet_texts),
+    "int": (pa.int64(), st.integers(-(2**40), 2**40)),
+    "float": (pa.float64(), st.floats(allow_nan=True, allow_infinity=True)),
+    "bool": (pa.bool_(), st.booleans()),
+    "messages": (pa.list_(MESSAGE), st.lists(st.fixed_dictionaries(
+        {"role": st.one_of(st.none(), st.sampled_from(["user", "assistant", "system", "", "Human"])),
+         "content": st.one_of(st.none(), parquet_texts)}), max_size=3)),
+}
+
+
+@st.composite
+def parquet_tables(draw):
+    columns = draw(st.dictionaries(st.sampled_from(FIELDS), st.sampled_from(sorted(COLUMN_KINDS)), min_size=1))
+    n = draw(st.integers(0, 8))
+    data = {}
+    for name, kind in columns.items():
+        typ, values = COLUMN_KINDS[kind]
+        data[name] = pa.array(draw(st.lists(st.one_of(st.none(), values), min_size=n, max_size=n)), type=typ)
+    return pa.table(data)
+
+
+@SETTINGS
+@given(parquet_tables())
+def test_any_parquet_file_is_fully_accounted_for(table):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pairs.parquet"
+        pq.write_table(table, path)
+        result = load_pairs(path)
+        assert result.n_input == table.num_rows == len(result.pairs) + len(result.quarantined)
+        check_quarantine(result.quarantined, path)
+        write_pairs(result.pairs, Path(tmp) / "out.parquet")
+        assert read_pairs(Path(tmp) / "out.parquet") == result.pairs
+
+
+@SETTINGS
+@given(st.data())
+def test_a_corrupt_parquet_file_is_one_clear_error_naming_it(data):
+    table = pa.table({"prompt": ["q1", "q2"], "chosen": ["a", "b"], "rejected": ["c", "d"]})
+    with tempfile.TemporaryDirectory() as tmp:
+        good = Path(tmp) / "good.parquet"
+        pq.write_table(table, good)
+        raw = good.read_bytes()
+        bad = data.draw(st.one_of(
+            st.integers(4, len(raw) - 1).map(lambda n: raw[:n]),                        # cut short
+            st.binary(min_size=0, max_size=200).map(lambda b: b"PAR1" + b + b"PAR1"),   # magic around garbage
+        ))
+        path = Path(tmp) / "pairs.parquet"
+        path.write_bytes(bad)
+        with pytest.raises(DataFormatError, match=rf"^{path}: file: unreadable Parquet"):
+            load_pairs(path)
+
+
+@SETTINGS
+@given(st.lists(st.tuples(texts, texts, texts), max_size=6), st.integers(1, 2_000))
+def test_rows_over_max_chars_are_quarantined_as_over_long(triples, max_chars):
+    rows = [{"prompt": q, "chosen": a, "rejected": b} for q, a, b in triples]
+    unlimited = convert_rows(rows, origin="mem")
+    limited = convert_rows(rows, origin="mem", max_chars=max_chars)
+    assert limited.n_input == len(rows) == len(limited.pairs) + len(limited.quarantined)
+    for pair in limited.pairs:
+        assert len(prompt_text(pair["prompt"])) + max(len(pair["chosen"]), len(pair["rejected"])) <= max_chars
+    assert {p["id"] for p in limited.pairs} <= {p["id"] for p in unlimited.pairs}
+    reasons = {q["location"]: q for q in limited.quarantined}
+    for location in set(unlimited.locations) - set(limited.locations):  # dropped only for its length
+        assert reasons[location]["field"] in ("chosen", "rejected")
+        assert reasons[location]["reason"].startswith("over-long: prompt + ")

@@ -6,7 +6,7 @@ import pytest
 from mlx_lm.models.llama import Model, ModelArgs
 
 from dpoflow.batching import EncodedPair, collate_pairs, collate_sequences, split_pairs
-from dpoflow.logprobs import body_and_head, completion_logprobs, full_logits_at, token_logprobs
+from dpoflow.logprobs import body_and_head, completion_logprobs, full_logits_at, target_logprobs, token_logprobs
 
 VOCAB, PAD = 300, 0
 
@@ -158,3 +158,54 @@ def test_lora_model_still_splits():
     fast = np.asarray(completion_logprobs(model, batch)[0])
     slow = np.asarray(completion_logprobs(Unsplittable(model), batch)[0])
     np.testing.assert_allclose(fast, slow, atol=1e-5)
+
+
+def _plain(model, batch):
+    """The [2B, T] forward (shared prompt switched off)."""
+    from dpoflow import logprobs
+
+    old, logprobs.SHARED_PROMPT_ENABLED = logprobs.SHARED_PROMPT_ENABLED, False
+    try:
+        return completion_logprobs(model, batch)[0]
+    finally:
+        logprobs.SHARED_PROMPT_ENABLED = old
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_shared_prompt_equals_the_full_pair_forward(seed):
+    """Prompt once + both completions from its keys/values == prompt + completion for each row: values and
+    gradients, with prompts and completions of different lengths (and one-token completions) in one batch."""
+    from dpoflow.logprobs import shared_prompt_logprobs, shared_prompt_supported
+
+    model = tiny_model(tie=False)
+    pairs = random_pairs(5, seed=seed) + [EncodedPair([4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [20], [21, 22])]
+    batch = collate_pairs(pairs, pad_id=PAD)
+    assert shared_prompt_supported(model)
+    shared = completion_logprobs(model, batch)[0]
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(_plain(model, batch)), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(shared_prompt_logprobs(model, batch)),
+                               np.asarray(target_logprobs(model, batch)), atol=1e-5, rtol=0)
+    only_first = collate_pairs([EncodedPair([3, 4, 5], [6], [7]), EncodedPair([8], [9], [10])], pad_id=PAD)
+    np.testing.assert_allclose(np.asarray(completion_logprobs(model, only_first)[0]),
+                               np.asarray(_plain(model, only_first)), atol=1e-5, rtol=0)
+
+    from mlx.utils import tree_flatten
+
+    g1 = nn.value_and_grad(model, lambda m: completion_logprobs(m, batch)[0].sum())(model)[1]
+    g2 = nn.value_and_grad(model, lambda m: _plain(m, batch).sum())(model)[1]
+    for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-3, err_msg=k)
+
+
+def test_shared_prompt_with_lora_and_the_fallback_for_other_models():
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from dpoflow.logprobs import shared_prompt_supported
+
+    model = tiny_model()
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+    batch = collate_pairs(random_pairs(3, seed=8), pad_id=PAD)
+    np.testing.assert_allclose(np.asarray(completion_logprobs(model, batch)[0]), np.asarray(_plain(model, batch)),
+                               atol=1e-5)
+    assert not shared_prompt_supported(Unsplittable(model))
