@@ -40,3 +40,7 @@ test-all: setup
 
 doctor: setup
 	$(PY) -m dpoflow doctor
+
+# Benchmarks against TRL and mlx-lm-lora (creates their venvs under .cache/benchmarks): benchmarks/RESULTS.md
+bench: setup
+	$(PY) benchmarks/run.py

@@ -1,29 +1,34 @@
-"""Batched sampling with mlx-lm's continuous-batching generator, seeded, with a progress bar.
+"""Batched sampling for every stage (Stage 1 validation, Stage 2's K samples per prompt, KL samples, 6, 7), seeded,
+with a progress bar and throughput figures.
 
-One call generates `n_samples` responses for each prompt (conversation messages) and reports throughput, so
-Stage 1 (validation accuracy), Stage 2 (K samples per prompt), Stage 3/5 (KL samples), 6 and 7 share it.
+Two things make it fast on a CPU, where a small model's decode step costs about as much as a prompt token:
 
-Shared prefill: the K samples of a prompt, and all prompts' common prefix (the chat template's system turn),
-are run through the model once, not once per sequence:
+Shared prefill. The K samples of a prompt and all prompts' common prefix (the chat template's system turn) run
+through the model once, not once per sequence:
+    prefix  = longest common prefix of the distinct prompts        -> one forward (batch 1)
+    middle  = prompt[len(prefix):-1] of each DISTINCT prompt       -> batched forwards (PREFILL_BATCH prompts) on
+                                                                      copies of the prefix's keys/values
+    a sequence = (prompt p, sample k): starts from p's keys/values; its first input is p's last token
 
-    prefix  = longest common prefix of the distinct prompts   -> one forward (batch 1), KV cache C_0
-    middle  = prompt[len(prefix):-1], per DISTINCT prompt      -> batched forward on copies of C_0 -> C_p
-    sample k of prompt p = BatchGenerator sequence whose prompt is only the last token, starting from C_p
-                           (the K sequences share the same cache objects; the generator copies them on merge)
+Fixed decode slots. B sequences decode together; every layer keeps keys/values in one [B, H, capacity, D] buffer
+per layer, all rows writing the same column per step (row i's sequence occupies columns [start_i, col), masked
+outside; its positions for RoPE are col - start_i). A finished sequence's row is refilled in place with the next
+sequence's prompt keys/values (written right-aligned at `col`): no per-finish gather or per-join concatenation of
+every layer's cache (what mlx-lm's BatchGenerator does, which costs several decode steps each time).
 
-Prompts are prefilled chunk by chunk, just ahead of the decoder, so the caches waiting in the queue stay a few
-batches' worth. Sequences enter the generator in the same order as without sharing (prompt-major), so the decode
-schedule is the same; greedy output equals the unshared path (tests/test_generation.py).
+Greedy output equals mlx-lm's batch generation (tests/test_generation.py); sampling is deterministic for a seed.
 """
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+import numpy as np
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from tqdm import tqdm
 
@@ -39,8 +44,8 @@ class Generations:
     finished: list[list[bool]] = field(default_factory=list)  # ended with eos (False = hit max_tokens)
     generated_tokens: int = 0
     seconds: float = 0.0
-    prompt_tokens: int = 0                  # tokens actually run through the model before decoding
-    prefill_seconds: float = 0.0            # of `seconds`, spent on those prompt tokens
+    prompt_tokens: int = 0                  # prompt tokens run through the model (shared work counted once)
+    prefill_seconds: float = 0.0            # of `seconds`, spent on them
 
     @property
     def tokens_per_sec(self) -> float:
@@ -57,13 +62,21 @@ def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     return n
 
 
-class SharedPrefill:
-    """KV caches of prompt[:-1] for distinct prompts, computed on top of one cache of their common prefix."""
+@dataclass
+class _Chunk:
+    """Keys/values of prompt[:-1] for some distinct prompts, right-aligned: row j in its last len_j - 1 columns."""
+    keys: list[Optional[mx.array]]    # per layer [n, H, width, D] (None when width == 0)
+    values: list[Optional[mx.array]]
+    width: int
 
-    def __init__(self, model: Any, distinct: Sequence[Sequence[int]], batch: int = PREFILL_BATCH):
-        self.model, self.batch = model, batch
-        # keep >= 1 middle token per prompt (the last token is fed by the generator)
-        self.prefix_len = max(0, min(_common_prefix(distinct), min(len(p) for p in distinct) - 2))
+
+class SharedPrefill:
+    """Prefills distinct prompts on top of one cache of their common prefix (module docstring)."""
+
+    def __init__(self, model: Any, distinct: Sequence[Sequence[int]]):
+        self.model = model
+        # the prefix stays inside every prompt[:-1] (the last token is the first decode input)
+        self.prefix_len = max(0, min(_common_prefix(distinct), min(len(p) for p in distinct) - 1))
         self.prefix = None
         self.prompt_tokens, self.seconds = 0, 0.0
         if self.prefix_len > 0:
@@ -78,23 +91,111 @@ class SharedPrefill:
     def supported(model: Any) -> bool:
         return all(type(c) is KVCache for c in make_prompt_cache(model))
 
-    def caches(self, prompts: Sequence[Sequence[int]]) -> list[Optional[list[Any]]]:
-        """One cache list per prompt holding prompt[:-1] (None for a one-token prompt: the generator's own)."""
+    def chunk(self, prompts: Sequence[Sequence[int]]) -> _Chunk:
         start = time.perf_counter()
+        n = len(prompts)
         middles = [list(p[self.prefix_len:-1]) for p in prompts]
-        out: list[Optional[list[Any]]] = [None] * len(prompts)
-        todo = [i for i, m in enumerate(middles) if m]
-        for s in range(0, len(todo), self.batch):
-            idx = todo[s:s + self.batch]
-            base = [self.prefix if self.prefix is not None else make_prompt_cache(self.model) for _ in idx]
-            batch = PromptProcessingBatch(self.model, list(range(len(idx))), base, prefill_step_size=2048)
-            batch.prompt([middles[i] for i in idx])
-            for j, i in enumerate(idx):
-                out[i] = batch.extract_cache(j)
-            mx.eval([c.state[:2] for i in idx for c in out[i]])
-            self.prompt_tokens += sum(len(middles[i]) for i in idx)
+        if self.prefix is not None:
+            caches = [BatchKVCache.merge([c] * n) for c in self.prefix]
+        else:
+            caches = [BatchKVCache([0] * n) for _ in self.model.layers]
+        width = max(len(m) for m in middles)
+        if width:
+            pad = [width - len(m) for m in middles]
+            tokens = mx.array([m + [0] * p for m, p in zip(middles, pad)])
+            for c in caches:
+                c.prepare(lengths=[len(m) for m in middles], right_padding=pad)
+            self.model(tokens, cache=caches)
+            for c in caches:
+                c.finalize()
+            self.prompt_tokens += sum(len(m) for m in middles)
+        size = caches[0].size()
+        keys = [c.keys[..., :size, :] if size else None for c in caches]
+        values = [c.values[..., :size, :] if size else None for c in caches]
+        mx.eval([a for a in keys + values if a is not None])
         self.seconds += time.perf_counter() - start
-        return out
+        return _Chunk(keys, values, size)
+
+
+class _Slots:
+    """Decode state shared by the layers: row i's sequence occupies columns [start[i], col) of every buffer."""
+
+    def __init__(self, n_layers: int, rows: int, col: int, capacity: int):
+        self.col, self.capacity = col, capacity
+        self.start = np.full(rows, col, dtype=np.int64)
+        self.layers = [_SlotLayer(self) for _ in range(n_layers)]
+        self.offset = self.mask = None
+
+    def prepare_step(self) -> None:
+        self.offset = mx.array((self.col - self.start).astype(np.int32))
+        valid = np.arange(self.col + 1)[None, :] >= self.start[:, None]
+        self.mask = mx.array(valid[:, None, None, :])
+
+    def write(self, rows: np.ndarray, chunk: _Chunk, js: np.ndarray, lengths: np.ndarray) -> None:
+        """Put the prompt keys/values of chunk rows `js` into decode rows `rows`, right-aligned at col."""
+        self.start[rows] = self.col - lengths
+        if chunk.width == 0:
+            return
+        r, j, lo = mx.array(rows.astype(np.int32)), mx.array(js.astype(np.int32)), self.col - chunk.width
+        for layer, k, v in zip(self.layers, chunk.keys, chunk.values):
+            layer.ensure(k)
+            layer.keys[r, :, lo:self.col, :] = k[j]
+            layer.values[r, :, lo:self.col, :] = v[j]
+
+    def make_room(self, need: int) -> None:
+        """Before writing column col: shift every row left (or grow) so that col < capacity, keeping `need`
+        columns before col for right-aligned prompt writes."""
+        if self.col < self.capacity:
+            return
+        shift = int(max(0, min(self.start.min(), self.col - need)))
+        if self.col - shift >= self.capacity * 3 // 4:  # little to reclaim (long sequences): grow instead
+            self.capacity = self.col - shift + self.capacity // 2
+        for layer in self.layers:
+            layer.shift(shift, self.capacity)
+        self.col -= shift
+        self.start -= shift
+
+    def keep(self, rows: np.ndarray) -> None:
+        idx = mx.array(rows.astype(np.int32))
+        for layer in self.layers:
+            if layer.keys is not None:
+                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+        self.start = self.start[rows]
+
+
+class _SlotLayer:
+    """One layer's buffers, used by mlx-lm's attention through its cache protocol."""
+
+    def __init__(self, slots: _Slots):
+        self.slots = slots
+        self.keys = self.values = None
+
+    def ensure(self, like: mx.array) -> None:
+        if self.keys is None:
+            shape = (len(self.slots.start), like.shape[1], self.slots.capacity, like.shape[3])
+            self.keys, self.values = mx.zeros(shape, like.dtype), mx.zeros(shape, like.dtype)
+
+    def shift(self, shift: int, capacity: int) -> None:
+        if self.keys is None:
+            return
+        col = self.slots.col
+        k, v = self.keys[..., shift:col, :], self.values[..., shift:col, :]
+        pad = [(0, 0), (0, 0), (0, capacity - (col - shift)), (0, 0)]
+        self.keys, self.values = mx.pad(k, pad), mx.pad(v, pad)
+
+    @property
+    def offset(self) -> mx.array:
+        return self.slots.offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.ensure(keys)
+        col = self.slots.col
+        self.keys[..., col:col + 1, :] = keys
+        self.values[..., col:col + 1, :] = values
+        return self.keys[..., :col + 1, :], self.values[..., :col + 1, :]
+
+    def make_mask(self, n: int, **kwargs) -> mx.array:
+        return self.slots.mask
 
 
 def generate(
@@ -108,66 +209,123 @@ def generate(
     seed: int = 0,
     batch_size: int = 64,
     desc: str = "generate",
-    share_prefill: bool = True,
 ) -> Generations:
-    """Sample `n_samples` responses per prompt (greedy when temperature == 0).
-
-    share_prefill=False runs every sequence's whole prompt through the model (mlx-lm's plain path: the same
-    outputs, K times the prompt work); kept for comparison, and used for models whose cache is not a KVCache."""
+    """Sample `n_samples` responses per prompt (greedy when temperature == 0); see the module docstring."""
     mx.random.seed(seed)
     encoded = [encode_prompt(tokenizer, messages) for messages in prompts]
-    flat = [ids for ids in encoded for _ in range(n_samples)]
-    sampler = make_sampler(temp=temperature, top_p=top_p)
-    gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-                         sampler=sampler, completion_batch_size=batch_size, prefill_batch_size=min(batch_size, 32))
-    tokens: list[list[int]] = [[] for _ in flat]
-    finished = [False] * len(flat)
-    index: dict[int, int] = {}  # generator uid -> flat position (prompt-major, as `flat`)
+    n_seq = len(encoded) * n_samples
+    tokens: list[list[int]] = [[] for _ in range(n_seq)]
+    finished = [False] * n_seq
     start = time.perf_counter()
-    prefill = None
-    if share_prefill and flat and SharedPrefill.supported(model):
-        prefill = SharedPrefill(model, list(dict.fromkeys(tuple(p) for p in encoded)))
+    if n_seq == 0:
+        return Generations([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts])
+    sampler = make_sampler(temp=temperature, top_p=top_p)
+    if not SharedPrefill.supported(model):  # e.g. sliding-window or recurrent caches: mlx-lm's own batching
+        return _generate_mlx_lm(model, tokenizer, encoded, n_samples, sampler, max_tokens, batch_size, desc)
+    normalize = 0 < top_p < 1  # top-p reads probabilities; argmax and categorical are shift-invariant
+    eos = set(int(t) for t in tokenizer.eos_token_ids)
+    prefill = SharedPrefill(model, list(dict.fromkeys(tuple(p) for p in encoded)))
+
+    # sequences in prompt-major order; distinct prompts prefilled PREFILL_BATCH at a time, just ahead of need
+    pending: deque = deque()  # (sequence index, chunk, row in chunk, prompt[:-1] length, last prompt token)
     next_prompt = 0
 
-    def feed(n_done: int) -> None:
-        """Insert the next prompts' sequences while fewer than 2 * batch_size are unfinished, so the queue
-        behind the running batch never runs dry (the decode schedule then equals inserting all at once)."""
+    def fill_queue() -> None:
         nonlocal next_prompt
-        while next_prompt < len(encoded) and len(index) - n_done < 2 * batch_size:
-            group = encoded[next_prompt:next_prompt + PREFILL_BATCH]
-            distinct = list(dict.fromkeys(tuple(p) for p in group))
-            caches = dict(zip(distinct, prefill.caches(distinct)))
-            seqs = [p for p in group for _ in range(n_samples)]
-            uids = gen.insert([p[-1:] for p in seqs], [max_tokens] * len(seqs),
-                              caches=[caches[tuple(p)] for p in seqs])
-            base = len(index)
-            index.update({uid: base + j for j, uid in enumerate(uids)})
-            next_prompt += len(group)
+        group = encoded[next_prompt:next_prompt + PREFILL_BATCH]
+        distinct = list(dict.fromkeys(tuple(p) for p in group))
+        row = {p: j for j, p in enumerate(distinct)}
+        chunk = prefill.chunk(distinct)
+        for i, p in enumerate(group):
+            for k in range(n_samples):
+                pending.append(((next_prompt + i) * n_samples + k, chunk, row[tuple(p)], len(p) - 1, p[-1]))
+        next_prompt += len(group)
 
-    if prefill is None:
-        index.update({uid: i for i, uid in enumerate(gen.insert(flat, [max_tokens] * len(flat)))})
-    n_generated = n_done = 0
+    width = max(len(p) for p in encoded) - 1  # widest prompt[:-1]: right-aligned writes need this room before col
+    rows = min(batch_size, n_seq)
+    slots = _Slots(len(model.layers), rows, col=width, capacity=width + max_tokens + 64)
+    seq_of = np.full(rows, -1, dtype=np.int64)   # sequence in each decode row (-1: empty)
+    inputs = np.zeros(rows, dtype=np.int64)      # next input token of each row
+    count = np.zeros(rows, dtype=np.int64)       # tokens generated by each row's sequence
+
+    def place(free: np.ndarray) -> None:
+        """Start the next pending sequences in rows `free` (one batched write per chunk and layer)."""
+        taken = []
+        for r in free:
+            if not pending and next_prompt < len(encoded):
+                fill_queue()
+            if not pending:
+                break
+            taken.append((r, *pending.popleft()))
+        for chunk in {id(t[2]): t[2] for t in taken}.values():
+            mine = [t for t in taken if t[2] is chunk]
+            slots.write(np.array([t[0] for t in mine]), chunk, np.array([t[3] for t in mine]),
+                        np.array([t[4] for t in mine]))
+        for r, s, _, _, _, last in taken:
+            seq_of[r], inputs[r], count[r] = s, last, 0
+
+    n_generated = 0
+    with tqdm(total=n_seq, desc=desc, unit="seq", dynamic_ncols=True) as bar:
+        place(np.arange(rows))
+        while (seq_of >= 0).any():
+            slots.make_room(width)
+            slots.prepare_step()
+            logits = model(mx.array(inputs.astype(np.int32))[:, None], cache=slots.layers)[:, -1, :]
+            if normalize:
+                logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            sampled = sampler(logits).tolist()
+            slots.col += 1
+            done = []
+            for r, s in enumerate(seq_of):
+                if s < 0:
+                    continue
+                t = int(sampled[r])
+                count[r] += 1
+                if t in eos:
+                    finished[s] = True
+                else:
+                    tokens[s].append(t)
+                    n_generated += 1
+                    inputs[r] = t
+                if t in eos or count[r] >= max_tokens:
+                    seq_of[r] = -1
+                    slots.start[r] = slots.col
+                    done.append(r)
+            if done:
+                bar.update(len(done))
+                bar.set_postfix(tok_s=f"{n_generated / (time.perf_counter() - start):.0f}")
+                place(np.array(done))
+            active = np.flatnonzero(seq_of >= 0)
+            if not pending and next_prompt == len(encoded) and 0 < len(active) <= len(seq_of) // 2:
+                slots.keep(active)  # the tail: stop computing empty rows
+                seq_of, inputs, count = seq_of[active], inputs[active], count[active]
+    seconds = time.perf_counter() - start
+    texts = [tokenizer.decode(t) for t in tokens]
+    shape = lambda xs: [xs[i * n_samples:(i + 1) * n_samples] for i in range(len(prompts))]  # noqa: E731
+    return Generations(shape(texts), shape(tokens), shape(finished), n_generated, seconds, prefill.prompt_tokens,
+                       prefill.seconds)
+
+
+def _generate_mlx_lm(model, tokenizer, encoded, n_samples, sampler, max_tokens, batch_size, desc) -> Generations:
+    """Models whose cache is not a plain KVCache: mlx-lm's BatchGenerator, every sample a separate sequence."""
+    flat = [ids for ids in encoded for _ in range(n_samples)]
+    gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+                         sampler=sampler, completion_batch_size=batch_size, prefill_batch_size=min(batch_size, 32))
+    index = {uid: i for i, uid in enumerate(gen.insert(flat, [max_tokens] * len(flat)))}
+    tokens: list[list[int]] = [[] for _ in flat]
+    finished = [False] * len(flat)
+    start = time.perf_counter()
     with gen.stats() as stats, tqdm(total=len(flat), desc=desc, unit="seq", dynamic_ncols=True) as bar:
-        if prefill is not None:
-            feed(0)
         while responses := gen.next_generated():
             for r in responses:
                 i = index[r.uid]
                 if r.finish_reason != "stop":
                     tokens[i].append(int(r.token))
-                    n_generated += 1
                 if r.finish_reason is not None:
                     finished[i] = r.finish_reason == "stop"
-                    n_done += 1
                     bar.update(1)
-                    bar.set_postfix(tok_s=f"{n_generated / (time.perf_counter() - start):.0f}")
-            if prefill is not None:
-                feed(n_done)
     gen.close()
-    seconds = time.perf_counter() - start
-    prompt_tokens = stats.prompt_tokens + (prefill.prompt_tokens if prefill else 0)
-    prefill_seconds = stats.prompt_time + (prefill.seconds if prefill else 0.0)
-    texts = [tokenizer.decode(t) for t in tokens]
-    shape = lambda xs: [xs[i * n_samples:(i + 1) * n_samples] for i in range(len(prompts))]  # noqa: E731
-    return Generations(shape(texts), shape(tokens), shape(finished), n_generated, seconds, prompt_tokens,
-                       prefill_seconds)
+    n = len(encoded)
+    shape = lambda xs: [xs[i * n_samples:(i + 1) * n_samples] for i in range(n)]  # noqa: E731
+    return Generations(shape([tokenizer.decode(t) for t in tokens]), shape(tokens), shape(finished),
+                       sum(len(t) for t in tokens), time.perf_counter() - start, stats.prompt_tokens, stats.prompt_time)

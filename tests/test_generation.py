@@ -1,10 +1,12 @@
-"""dpoflow.generation: shared prefill (one prompt forward for K samples, one forward for the common prefix) gives
-the same outputs as mlx-lm's plain path, deterministically, on a tiny random model."""
+"""dpoflow.generation: shared prefill (one prompt forward for K samples, one forward for the common prefix) and
+fixed decode slots give mlx-lm's batch-generation output, deterministically, on a tiny random model."""
 from __future__ import annotations
 
 import mlx.core as mx
 import pytest
+from mlx_lm.generate import batch_generate
 from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
 
 from dpoflow.batching import encode_prompt
 from dpoflow.generation import SharedPrefill, generate
@@ -26,43 +28,77 @@ def tiny(tiny_model_dir):
     return load_model(tiny_model_dir)
 
 
+def mlx_lm_greedy(model, tok, msgs, n_samples, max_tokens):
+    """mlx-lm's own batch generation, every copy of every prompt a separate sequence (the reference)."""
+    flat = [encode_prompt(tok, m) for m in msgs for _ in range(n_samples)]
+    out = batch_generate(model, tok, flat, max_tokens=max_tokens, return_token_ids=True, sampler=make_sampler(0.0))
+    eos = set(tok.eos_token_ids)
+    ids = [[t for t in seq if t not in eos] for seq in out.token_ids]
+    return [ids[i * n_samples:(i + 1) * n_samples] for i in range(len(msgs))]
+
+
+# (batch, samples, max tokens): refills, buffer compaction (long runs at batch 1-2) and growth (100 > headroom)
+@pytest.mark.parametrize("batch,n,max_tokens", [(8, 3, 12), (2, 3, 20), (3, 1, 100)])
 @pytest.mark.parametrize("system", [SYSTEM, None])
-def test_greedy_output_equals_the_unshared_path(tiny, system):
+def test_greedy_output_equals_mlx_lm_batch_generation(tiny, system, batch, n, max_tokens):
     model, tok = tiny
-    kw = dict(n_samples=3, temperature=0.0, max_tokens=12, seed=0, batch_size=8)
-    shared = generate(model, tok, prompts(system), share_prefill=True, **kw)
-    plain = generate(model, tok, prompts(system), share_prefill=False, **kw)
-    assert shared.token_ids == plain.token_ids
-    assert shared.finished == plain.finished
-    assert shared.generated_tokens == plain.generated_tokens > 0
-    # the K copies of a prompt, and the duplicated prompt, are prefilled once
-    assert shared.prompt_tokens < plain.prompt_tokens / 2
+    msgs = prompts(system)
+    out = generate(model, tok, msgs, n_samples=n, temperature=0.0, max_tokens=max_tokens, seed=0, batch_size=batch)
+    assert out.token_ids == mlx_lm_greedy(model, tok, msgs, n, max_tokens)
+    assert out.generated_tokens == sum(len(s) for p in out.token_ids for s in p) > 0
+    assert all(len(s) == max_tokens or f for p, fs in zip(out.token_ids, out.finished) for s, f in zip(p, fs))
+    # the K copies of a prompt, the duplicated prompt and the shared system turn are prefilled once
+    assert out.prompt_tokens < sum(len(encode_prompt(tok, m)) for m in msgs)
 
 
 def test_sampling_is_seeded(tiny):
-    """Same seed, same samples. (They are not those of the unshared path: there a sequence joins the decode batch
-    one generator step later, after its own prompt step, so it draws from another point of the random stream.)"""
     model, tok = tiny
     kw = dict(n_samples=4, temperature=1.0, max_tokens=10, batch_size=6)  # batch < sequences: refills
     a = generate(model, tok, prompts(), seed=3, **kw)
     b = generate(model, tok, prompts(), seed=3, **kw)
     c = generate(model, tok, prompts(), seed=4, **kw)
+    top_p = generate(model, tok, prompts(), seed=3, top_p=0.5, **kw)
     assert a.token_ids == b.token_ids
-    assert a.token_ids != c.token_ids
+    assert a.token_ids != c.token_ids and a.token_ids != top_p.token_ids
     assert [len(s) for s in a.token_ids] == [4] * len(QUESTIONS)
+
+
+def test_one_token_prompts_and_no_prompts(tiny):
+    model, tok = tiny
+
+    class OneToken:  # a chat template that renders every prompt as a single token
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def apply_chat_template(self, messages, **kwargs):
+            return [5 + len(messages[-1]["content"]) % 7]
+
+    out = generate(model, OneToken(), prompts(), n_samples=2, max_tokens=5, batch_size=4)
+    assert out.prompt_tokens == 0 and out.generated_tokens > 0
+    assert generate(model, tok, [], n_samples=3).token_ids == []
 
 
 def test_prefill_caches_equal_a_whole_prompt_forward(tiny):
     model, tok = tiny
-    encoded = [encode_prompt(tok, p) for p in prompts()]
-    distinct = list(dict.fromkeys(tuple(p) for p in encoded))
-    prefill = SharedPrefill(model, distinct, batch=3)
+    distinct = list(dict.fromkeys(tuple(encode_prompt(tok, p)) for p in prompts()))
+    prefill = SharedPrefill(model, distinct)
     assert prefill.prefix_len > 5  # the system turn is shared
-    for ids, cache in zip(distinct, prefill.caches(distinct)):
+    chunk = prefill.chunk(distinct)
+    for j, ids in enumerate(distinct):
         ref = make_prompt_cache(model)
         model(mx.array([list(ids[:-1])]), cache=ref)
-        for got, want in zip(cache, ref):
-            k, v = got.state[:2]
-            rk, rv = want.keys[..., :want.offset, :], want.values[..., :want.offset, :]
-            assert got.offset == want.offset == len(ids) - 1
-            assert mx.allclose(k, rk, atol=1e-5).item() and mx.allclose(v, rv, atol=1e-5).item()
+        n = len(ids) - 1
+        for layer, want in enumerate(ref):
+            got_k = chunk.keys[layer][j:j + 1, :, chunk.width - n:, :]
+            got_v = chunk.values[layer][j:j + 1, :, chunk.width - n:, :]
+            assert mx.allclose(got_k, want.keys[..., :n, :], atol=1e-5).item()
+            assert mx.allclose(got_v, want.values[..., :n, :], atol=1e-5).item()
+
+
+def test_models_without_a_plain_kv_cache_use_mlx_lm_batching(tiny, monkeypatch):
+    from dpoflow import generation
+
+    model, tok = tiny
+    monkeypatch.setattr(generation.SharedPrefill, "supported", staticmethod(lambda m: False))
+    out = generation.generate(model, tok, prompts(), n_samples=2, temperature=0.0, max_tokens=8, batch_size=4)
+    assert out.token_ids == mlx_lm_greedy(model, tok, prompts(), 2, 8)
