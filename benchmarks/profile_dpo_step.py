@@ -8,7 +8,6 @@ Phases, each evaluated on its own (process CPU seconds, best of --repeats): forw
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

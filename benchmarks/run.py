@@ -125,7 +125,10 @@ def report() -> str:
               f"- BLAS: MLX with Debian OpenBLAS (pthread), OPENBLAS_CORETYPE={m.get('OPENBLAS_CORETYPE')}; "
               "torch 2.13 CPU (its own MKL/oneDNN)",
               f"- Same-run fp32 GEMM (MLX/OpenBLAS, SmolLM2 shapes, best of runs): "
-              f"**{fmt((gemm or {}).get('mlx_openblas_gflops'), 0)} GFLOP/s** (`results/gemm.json`)", ""]
+              f"**{fmt((gemm or {}).get('mlx_openblas_gflops'), 0)} GFLOP/s** at 2 threads (`results/gemm.json`, "
+              f"wall time: under load it measures the share of the machine this run got), "
+              f"**{fmt((load('gemm_t1') or {}).get('mlx_openblas_gflops'), 0)} GFLOP/s** at 1 thread "
+              "(`results/gemm_t1.json`, CPU time). An idle machine gives ~250 at 2 threads (shared/NOTES.md).", ""]
     for name in ("generation", "generation_t1"):
         gen = load(name)
         if not gen:
