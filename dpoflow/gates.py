@@ -3,6 +3,8 @@
 Each gate is its own light DVC stage (`stages/gate.py STAGE`), so editing a threshold re-evaluates the gate without
 retraining. A failing gate exits non-zero (stopping `dvc repro`) with one line per failed check naming the metric,
 its value, the threshold and what the workflow prescribes. The stage's metrics stay readable either way.
+A check with `blocking=False` is a flag, not a threshold: it is reported (WARNING) and recorded, and does not stop
+the run (issue 4: the reward model's train-validation gap is flagged; its validation accuracy is the gate).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class Check:
     threshold: float
     param: str           # params.yaml key holding the threshold
     advice: str          # what the workflow prescribes when the check fails
+    blocking: bool = True  # False: a flag (reported and recorded, does not fail the gate)
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class CheckResult:
         c = self.check
         if self.value is None:
             return f"{c.label}: metric `{c.metric}` missing from the metrics file: rerun the stage"
-        verdict = "ok" if self.passed else f"FAILED: {c.advice}"
+        verdict = "ok" if self.passed else f"{'FAILED' if c.blocking else 'WARNING (flag, not blocking)'}: {c.advice}"
         negated = {">=": "<", "<=": ">", ">": "<=", "==": "!="}[c.op]
         shown = c.op if self.passed else negated
         return f"{c.label} {self.value:.4g} {shown} {c.threshold:.4g} ({c.param}): {verdict}"
@@ -71,7 +74,8 @@ def gate_checks(stage: str, p: Params) -> list[Check]:
                   "improve the data (larger preference gap, more pairs) or give the model more capacity "
                   "(reward_model.lora_rank/lora_layers, epochs)"),
             Check("overfit_gap", "reward model train-val accuracy gap", "<=", p.reward_model.max_overfit_gap,
-                  "reward_model.max_overfit_gap", "overfitting: fewer epochs, lower learning rate, or more pairs"),
+                  "reward_model.max_overfit_gap", "overfitting: fewer epochs, lower learning rate, or more pairs; "
+                  "judge the model by its validation accuracy", blocking=False),
         ],
         "dpo": [
             Check("kl", "KL(policy||reference)", "<=", p.dpo.max_kl, "dpo.max_kl",
@@ -120,14 +124,20 @@ class GateResult:
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results)
+        return all(r.passed for r in self.results if r.check.blocking)
+
+    @property
+    def warnings(self) -> list[CheckResult]:
+        return [r for r in self.results if not r.check.blocking and not r.passed]
 
     def report(self) -> str:
         head = f"gate {self.stage}: {'PASSED' if self.passed else 'FAILED'}"
+        if self.warnings:
+            head += f" ({len(self.warnings)} warning{'s' if len(self.warnings) > 1 else ''})"
         return "\n".join([head] + [f"  - {r.message()}" for r in self.results])
 
     def to_dict(self) -> dict:
-        return {"stage": self.stage, "passed": self.passed,
+        return {"stage": self.stage, "passed": self.passed, "warnings": [r.check.metric for r in self.warnings],
                 "checks": [{**asdict(r.check), "value": r.value, "passed": r.passed} for r in self.results]}
 
 

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 
 # (stage, param, values: one `exp run -S`, then two queued). First whose stage exists wins.
 CANDIDATES = [
-    ("dpo", "dpo.beta", ("0.2", "0.3", "0.5")),
+    ("dpo", "dpo.beta", ("0.2", "0.4", "0.5")),
     ("sft", "sft.learning_rate", ("2.0e-3", "1.0e-3", "5.0e-3")),
 ]
 QUEUE_TIMEOUT_S = 900

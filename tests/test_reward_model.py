@@ -240,6 +240,19 @@ def test_gate_fails_with_prescription_on_low_accuracy():
     assert evaluate_gate("reward_model", {"val_accuracy": 0.75, "overfit_gap": 0.05}, Params()).passed
 
 
+def test_overfitting_is_flagged_not_blocking():
+    # Issue 4: the gate is validation accuracy; the train-validation gap is flagged.
+    flagged = evaluate_gate("reward_model", {"val_accuracy": 0.75, "overfit_gap": 0.30}, Params())
+    assert flagged.passed
+    assert [w.check.metric for w in flagged.warnings] == ["overfit_gap"]
+    assert "gate reward_model: PASSED (1 warning)" in flagged.report()
+    assert "WARNING (flag, not blocking): overfitting" in flagged.report()
+    assert flagged.to_dict()["warnings"] == ["overfit_gap"]
+    assert evaluate_gate("reward_model", {"val_accuracy": 0.75, "overfit_gap": 0.05}, Params()).warnings == []
+    missing = evaluate_gate("reward_model", {"val_accuracy": 0.75}, Params())
+    assert missing.passed and "metric `overfit_gap` missing" in missing.report()
+
+
 # -------------------------------------------------------------------------------------------------------- stage
 
 
