@@ -15,6 +15,9 @@ Definitions (docs/evaluation-monitoring.md, docs/capability-assessment.md):
   score is 0 too (nothing to lose, nothing lost); skipped with a note when the final score is above 0 (a gain from
   nothing: no ratio). A benchmark of the baseline the final model was not measured on counts 0 (fail-safe).
   Overall = the mean of the counted benchmarks' retention (100 when none could be counted but some were gains).
+* Responses: one per prompt and model, greedy (`temperature` 0) or sampled at `temperature` with the same seed for
+  both models. DPO moves the policy's sampling distribution; greedy decoding shows only where its mode flipped.
+  The gated win rate uses `evaluate.win_rate_temperature`; the other decoding is measured and reported beside it.
 * Outcome of one prompt: 1 = the final model's response is judged better than the baseline's, 0 = worse,
   0.5 = tie (equal judge scores, or identical text). Win rate = mean outcome (ties count half).
 * 95% interval: percentile bootstrap over prompts, `bootstrap_samples` resamples from a seeded generator; a
@@ -39,6 +42,7 @@ SHEET_COLUMNS = ("row", "prompt", "response_a", "response_b", "preference", "com
 KEY_FORMAT = "dpoflow-human-eval-key-v1"
 RATINGS = {"a": "a", "b": "b", "tie": "tie", "=": "tie", "equal": "tie", "same": "tie"}
 CONFIDENCE = 0.95
+OTHER_DECODING_TEMPERATURE = 1.0  # reported-only sampled win rate when the gated one is greedy: the policy itself
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,16 +388,35 @@ def deploy_decision(metrics: Mapping[str, Any], p: Any, iterate_metrics: Optiona
 # Generation helpers
 
 
-def greedy_responses(model: Any, tokenizer: Any, prompts: Sequence[list[dict]], max_tokens: int,
-                     batch_size: int = 64, desc: str = "responses") -> list[str]:
-    """One greedy (temperature 0) response per prompt: deterministic, the model's own best answer."""
+def responses(model: Any, tokenizer: Any, prompts: Sequence[list[dict]], max_tokens: int, temperature: float = 0.0,
+              seed: int = 0, batch_size: int = 64, desc: str = "responses") -> list[str]:
+    """One response per prompt: greedy when temperature is 0 (the model's mode), else one sample drawn with `seed`.
+    Both are deterministic for the same model, prompts and seed."""
     from dpoflow.generation import generate
 
     if not prompts:
         return []
-    gens = generate(model, tokenizer, [list(p) for p in prompts], n_samples=1, temperature=0.0, max_tokens=max_tokens,
-                    batch_size=batch_size, desc=desc)
+    gens = generate(model, tokenizer, [list(p) for p in prompts], n_samples=1, temperature=temperature,
+                    max_tokens=max_tokens, seed=seed, batch_size=batch_size, desc=desc)
     return [texts[0] for texts in gens.texts]
+
+
+def decoding_name(temperature: float) -> str:
+    return "greedy" if temperature == 0 else f"sampled (temperature {temperature:g})"
+
+
+def head_to_head(final_model: Any, sft_model: Any, tokenizer: Any, judge: Any, items: Sequence[Mapping[str, Any]],
+                 prompts: Sequence[list[dict]], max_tokens: int, temperature: float, seed: int,
+                 bootstrap_samples: int, batch_size: int) -> tuple[dict, list[dict]]:
+    """Win rate (with its bootstrap interval) of the final model's responses over the SFT model's, and the
+    per-prompt judgments, for one decoding."""
+    label = decoding_name(temperature)
+    final_texts = responses(final_model, tokenizer, prompts, max_tokens, temperature, seed, batch_size,
+                            f"final responses, {label}")
+    base_texts = responses(sft_model, tokenizer, prompts, max_tokens, temperature, seed, batch_size,
+                           f"SFT responses, {label}")
+    judgments = pairwise_judgments(judge, list(items), list(prompts), final_texts, base_texts)
+    return win_rate([j["outcome"] for j in judgments], bootstrap_samples=bootstrap_samples, seed=seed), judgments
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -425,11 +448,12 @@ def run_evaluation(*, final_model: Any, sft_model: Any, tokenizer: Any, items: S
                    batch_size: int, final_benchmarks: Mapping[str, float], baseline_benchmarks: Mapping[str, float],
                    pair_sets: Mapping[str, Sequence[Mapping[str, Any]]], eval_texts: Mapping[str, Sequence[str]],
                    ngram: int = DEFAULT_NGRAM, bootstrap_samples: int = 2000, generation_batch_size: int = 64,
-                   judge_name: Optional[str] = None) -> tuple[dict, list[dict], dict]:
+                   judge_name: Optional[str] = None, temperature: float = 0.0) -> tuple[dict, list[dict], dict]:
     """Stage 7's measurements of the final model against the SFT model: (metrics, judgments, perf).
 
-    Retention of `final_benchmarks` vs `baseline_benchmarks`; win rate of greedy responses to `items` (eval prompts)
-    judged by `judge`; KL(final || SFT) with policy.measure_kl on `kl_prompts`; the held-out preference gap against
+    Retention of `final_benchmarks` vs `baseline_benchmarks`; win rate of responses to `items` (eval prompts)
+    judged by `judge`, decoded at `temperature` (gated; judgments returned) and with the other decoding (greedy, or
+    sampled at temperature 1 when `temperature` is 0: reported only); KL(final || SFT) with policy.measure_kl on `kl_prompts`; the held-out preference gap against
     Stage 3's SFT log-probs; the contamination audit of `pair_sets` against `eval_texts`."""
     import time
 
@@ -442,12 +466,11 @@ def run_evaluation(*, final_model: Any, sft_model: Any, tokenizer: Any, items: S
     t0 = time.perf_counter()
     ret = retention(final_benchmarks, baseline_benchmarks)
     prompts = [tasks.item_prompt(item, system_prompt) for item in items]
-    final_texts = greedy_responses(final_model, tokenizer, prompts, max_tokens, generation_batch_size,
-                                   "final responses")
-    base_texts = greedy_responses(sft_model, tokenizer, prompts, max_tokens, generation_batch_size, "SFT responses")
-    t1 = time.perf_counter()
-    judgments = pairwise_judgments(judge, list(items), prompts, final_texts, base_texts)
-    wr = win_rate([j["outcome"] for j in judgments], bootstrap_samples=bootstrap_samples, seed=seed)
+    wr, judgments = head_to_head(final_model, sft_model, tokenizer, judge, items, prompts, max_tokens, temperature,
+                                 seed, bootstrap_samples, generation_batch_size)
+    other_temperature = 0.0 if temperature > 0 else OTHER_DECODING_TEMPERATURE
+    wr_other, _ = head_to_head(final_model, sft_model, tokenizer, judge, items, prompts, max_tokens,
+                               other_temperature, seed, bootstrap_samples, generation_batch_size)
     t2 = time.perf_counter()
     kl = measure_kl(final_model, tokenizer, kl_prompts, sft_model, seed, kl_samples, kl_max_tokens)
     encoded = [encode_pair(tokenizer, row, max_len) for row in heldout_pairs]
@@ -470,7 +493,11 @@ def run_evaluation(*, final_model: Any, sft_model: Any, tokenizer: Any, items: S
         "win_rate_ci_high": wr["ci_high"],
         "win_rate_detail": {k: wr[k] for k in ("n", "wins", "ties", "losses", "bootstrap_samples", "confidence",
                                                "seed")} | {"judge": judge_name or getattr(judge, "name", "judge"),
-                                                           "max_tokens": max_tokens, "decoding": "greedy"},
+                                                           "max_tokens": max_tokens,
+                                                           "decoding": decoding_name(temperature)},
+        "win_rate_other_decoding": {"decoding": decoding_name(other_temperature), "win_rate": wr_other["win_rate"],
+                                    "ci_low": wr_other["ci_low"], "ci_high": wr_other["ci_high"],
+                                    **{k: wr_other[k] for k in ("n", "wins", "ties", "losses")}},
         "kl": kl["kl"], "kl_seq": kl["kl_seq"], "k3": kl["k3"], "kl_n_tokens": kl["n_tokens"],
         **held,
         "contaminated_pairs": len(contaminated),
@@ -478,7 +505,7 @@ def run_evaluation(*, final_model: Any, sft_model: Any, tokenizer: Any, items: S
                           "ngram": ngram, "eval_sets": {k: len(v) for k, v in sorted(eval_texts.items())},
                           "first": contaminated[:20]},
     }
-    perf.update(generation_seconds=t1 - t0, judge_seconds=t2 - t1, kl_and_gap_seconds=t3 - t2,
+    perf.update(win_rate_seconds=t2 - t0, kl_and_gap_seconds=t3 - t2,
                 contamination_seconds=t4 - t3)
     return _clean_json(metrics), judgments, perf
 

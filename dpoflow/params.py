@@ -160,6 +160,9 @@ class IterateParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     win_rate_prompts: int = _spec(200, low=1)
+    # Decoding of the win-rate responses: 0 = greedy; > 0 = one sample per prompt and model at this temperature
+    # (seeded). The other decoding is always measured too and reported beside it (docs/evaluation-monitoring.md).
+    win_rate_temperature: float = _spec(0.0, low=0)
     bootstrap_samples: int = _spec(2000, low=100)
     human_eval_sheet: int = _spec(50, low=0)
     min_retention: float = _spec(95.0, low=0)

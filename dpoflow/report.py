@@ -310,7 +310,8 @@ def _summary_lines(data: Mapping[str, Any]) -> list[str]:
              f"{ev.get('selected_reference', '–')}).",
              f"Win rate vs SFT: {_fmt(ev.get('win_rate'))} (95% CI {_fmt(ev.get('win_rate_ci_low'))} – "
              f"{_fmt(ev.get('win_rate_ci_high'))}, {(ev.get('win_rate_detail') or {}).get('n', '–')} prompts, judge "
-             f"{(ev.get('win_rate_detail') or {}).get('judge', '–')}).",
+             f"{(ev.get('win_rate_detail') or {}).get('judge', '–')}, "
+             f"{(ev.get('win_rate_detail') or {}).get('decoding', '–')}).",
              f"Capability retention: {_fmt(ev.get('retention'))} %; KL(final || SFT) {_fmt(ev.get('kl'))}; held-out "
              f"gap {_fmt(ev.get('heldout_gap'))}; contaminated training pairs {_fmt(ev.get('contaminated_pairs'))}.",
              d["note"]]
@@ -348,7 +349,15 @@ def render_markdown(data: Mapping[str, Any], plot_files: Mapping[str, tuple[str,
               f"{wd.get('losses', '–')} losses over {wd.get('n', '–')} held-out prompts (data/tasks/eval.jsonl); "
               "ties count 1/2; "
               f"{wd.get('bootstrap_samples', '–')} bootstrap resamples (seed {wd.get('seed', '–')}). Alignment "
-              "improved means the interval's lower bound is above 0.5."]
+              "improved means the interval's lower bound is above 0.5.",
+              "", f"Decoding: {wd.get('decoding', '–')} (`evaluate.win_rate_temperature`; one response per prompt "
+              "and model, the same seed for both)."]
+    other = ev.get("win_rate_other_decoding")
+    if other:
+        lines += ["", f"Reported beside it, not gated: {other.get('decoding')}: win rate {_fmt(other.get('win_rate'))} "
+                  f"(95% CI {_fmt(other.get('ci_low'))} – {_fmt(other.get('ci_high'))}; {other.get('wins')} wins, "
+                  f"{other.get('ties')} ties, {other.get('losses')} losses). Greedy decoding shows only the prompts "
+                  "where the model's most likely answer changed."]
     it = data.get("iterate")
     if it:
         lines += ["", "## Iterative training", "", f"Decision **{it.get('decision')}**, selected round "

@@ -80,7 +80,7 @@ def _measure(p) -> None:
         heldout_sft_logps=heldout_cache, beta=p.dpo.beta, length_normalize=p.dpo.length_normalize,
         max_len=pp.max_seq_len, batch_size=batch_size, final_benchmarks=final_scores, baseline_benchmarks=baseline,
         pair_sets=pair_sets, eval_texts=eval_texts, ngram=pp.decontamination_ngram,
-        bootstrap_samples=p.evaluate.bootstrap_samples,
+        bootstrap_samples=p.evaluate.bootstrap_samples, temperature=p.evaluate.win_rate_temperature,
         judge_name=judge_name if judge_name == pp.judge else "verifier (preference.judge is import)")
     io.write_jsonl(JUDGMENTS, judgments)
     export_human_sheet(judgments, SHEET, KEY, p.evaluate.human_eval_sheet, seed=p.seed,

@@ -10,7 +10,8 @@ import pytest
 
 from dpoflow import data, io, models, tasks
 from dpoflow.dpo import train_dpo
-from dpoflow.evaluate import deploy_decision, export_final, export_human_sheet, import_human_ratings, run_evaluation
+from dpoflow.evaluate import (deploy_decision, export_final, export_human_sheet, import_human_ratings, responses,
+                              run_evaluation)
 from dpoflow.iterate import (EvalContext, IterateSettings, convergence_analysis, decide_round, load_selected,
                              make_pair_gate, overall_decision, render_iterate_report, round_min_pairs, round_slice,
                              run_iteration, save_selected, select_round)
@@ -236,6 +237,13 @@ def test_end_to_end_iterate_then_evaluate(tmp_path, tiny_model_dir, reference):
     assert metrics["retention"] == pytest.approx((100 + 80) / 2)
     assert metrics["contaminated_pairs"] == 0 and len(judgments) == 10
     assert metrics["win_rate_ci_low"] <= metrics["win_rate"] <= metrics["win_rate_ci_high"]
+    other = metrics["win_rate_other_decoding"]  # gated greedy (temperature 0): sampled at 1.0 reported beside it
+    assert metrics["win_rate_detail"]["decoding"] == "greedy" and other["decoding"] == "sampled (temperature 1)"
+    assert other["n"] == 10 and other["wins"] + other["ties"] + other["losses"] == 10
+    prompts = [tasks.item_prompt(item(i), SYSTEM) for i in range(200, 210)]
+    sampled = responses(final_model, final_tok, prompts, 6, temperature=0.7, seed=3)
+    assert sampled == responses(final_model, final_tok, prompts, 6, temperature=0.7, seed=3)  # seeded
+    assert sampled != responses(final_model, final_tok, prompts, 6, temperature=0.0)
     assert metrics["kl"] == pytest.approx(rounds[k]["kl"], rel=1e-3, abs=1e-6)  # the same measurement as Stage 6
     export_human_sheet(judgments, tmp_path / "sheet.csv", tmp_path / "key.json", 10, bootstrap_samples=200)
     assert import_human_ratings(tmp_path / "sheet.csv", tmp_path / "key.json")["unrated"] == 10
