@@ -274,7 +274,9 @@ def plots(data: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
                                         hlines=[(0.0, "0")]))
     kl_rounds = [(r["round"], r["kl"]) for r in rounds if r.get("kl") is not None]
     gap_rounds = [(r["round"], r["heldout_gap"]) for r in rounds if r.get("heldout_gap") is not None]
-    final = [] if ev.get("kl") is None else [(max([x for x, _ in kl_rounds] or [0]), ev["kl"])]
+    final_x = ev.get("selected_round")  # the final model is the selected round, not necessarily the last one
+    final_x = max([x for x, _ in kl_rounds] or [0]) if final_x is None else final_x
+    final = [] if ev.get("kl") is None else [(final_x, ev["kl"])]
     out["kl_rounds"] = ("KL(policy || SFT) per round", line_chart(
         "KL(policy || SFT) per round (round 0 = Stage 5)", {"round": kl_rounds, "final model": final},
         "round", "KL per token", hlines=[(th["max_kl"], f"evaluate.max_kl {th['max_kl']:g}")], markers=True,
