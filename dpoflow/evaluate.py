@@ -453,8 +453,9 @@ def run_evaluation(*, final_model: Any, sft_model: Any, tokenizer: Any, items: S
 
     Retention of `final_benchmarks` vs `baseline_benchmarks`; win rate of responses to `items` (eval prompts)
     judged by `judge`, decoded at `temperature` (gated; judgments returned) and with the other decoding (greedy, or
-    sampled at temperature 1 when `temperature` is 0: reported only); KL(final || SFT) with policy.measure_kl on `kl_prompts`; the held-out preference gap against
-    Stage 3's SFT log-probs; the contamination audit of `pair_sets` against `eval_texts`."""
+    sampled at temperature 1 when `temperature` is 0: reported only); KL(final || SFT) with policy.measure_kl on
+    `kl_prompts`; the held-out preference gap against Stage 3's SFT log-probs; the contamination audit of
+    `pair_sets` against `eval_texts`."""
     import time
 
     from dpoflow import tasks
