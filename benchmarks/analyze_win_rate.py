@@ -42,11 +42,11 @@ def main() -> None:
     out: dict = {"n_prompts": len(items), "samples": args.samples, "sample_temperature": p.preference.temperature}
     for name in ("sft", "final"):
         model, tokenizer = models.load_model(PROJECT / "models" / name)
-        row: dict = {}
-        for t in (float(x) for x in args.temperatures.split(",")):
+        greedy = accuracy(model, tokenizer, items, prompts, 0.0, 1, p.preference.max_tokens, p.seed)[:, 0]
+        row: dict = {"accuracy_t0": float(greedy.mean())}
+        for t in (float(x) for x in args.temperatures.split(",") if float(x) > 0):
             row[f"accuracy_t{t:g}"] = float(accuracy(model, tokenizer, items, prompts, t, 1, p.preference.max_tokens,
                                                      p.seed).mean())
-        greedy = accuracy(model, tokenizer, items, prompts, 0.0, 1, p.preference.max_tokens, p.seed)[:, 0]
         right = accuracy(model, tokenizer, items, prompts, p.preference.temperature, args.samples,
                          p.preference.max_tokens, p.seed).sum(axis=1)
         wrong = greedy < 1

@@ -308,12 +308,12 @@ def _check_rows(deploy: Mapping[str, Any]) -> list[tuple[str, str, str, str, str
 
 def _summary_lines(data: Mapping[str, Any]) -> list[str]:
     ev, d = data["evaluate"], data["deploy"]
+    wd = ev.get("win_rate_detail") or {}
     lines = [f"Final model: `models/final` (round {_fmt(ev.get('selected_round'))} of Stage 6, reference "
              f"{ev.get('selected_reference', '–')}).",
              f"Win rate vs SFT: {_fmt(ev.get('win_rate'))} (95% CI {_fmt(ev.get('win_rate_ci_low'))} – "
-             f"{_fmt(ev.get('win_rate_ci_high'))}, {(ev.get('win_rate_detail') or {}).get('n', '–')} prompts, judge "
-             f"{(ev.get('win_rate_detail') or {}).get('judge', '–')}, "
-             f"{(ev.get('win_rate_detail') or {}).get('decoding', '–')}).",
+             f"{_fmt(ev.get('win_rate_ci_high'))}, {wd.get('n', '–')} prompts, judge {wd.get('judge', '–')}, "
+             f"{wd.get('decoding', '–')}).",
              f"Capability retention: {_fmt(ev.get('retention'))} %; KL(final || SFT) {_fmt(ev.get('kl'))}; held-out "
              f"gap {_fmt(ev.get('heldout_gap'))}; contaminated training pairs {_fmt(ev.get('contaminated_pairs'))}.",
              d["note"]]
