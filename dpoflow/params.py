@@ -92,6 +92,9 @@ class PreferenceParams:
     generation_batch_size: int = _spec(64, low=1)
     # judge=import: fraction of prompts (by hash) kept aside as held-out pairs.
     import_heldout_fraction: float = _spec(0.1, low=0, high=1)
+    # A prompt none of whose samples reaches the task's reference answer gets the reference as chosen (verifier /
+    # reward-model judge with task items; dpoflow.preference.reference_pairs).
+    reference_chosen: bool = False
     reward_model_path: str = "models/reward"
     min_gap: float = _spec(0.15, low=0, high=1)
     min_pairs: int = _spec(1000, low=1)

@@ -15,15 +15,20 @@ Flow (documented for users in docs/preference-data-generation.md, "Generation an
 3. Pairs per prompt (`make_pairs`): `best_vs_worst` (default) pairs the highest-scored response with the lowest
    (the first in sample order among equals); if all scores are equal the prompt yields no pair. `all_pairs`
    pairs every two responses with different scores, the higher-scored one chosen (K(K-1)/2 pairs at most).
-4. The training pairs are validated with `dpoflow.training_metrics.validate_dpo_pairs`: token length against
+4. Reference answers (`reference_chosen`, off by default): a prompt whose pooled responses yield no pair and none
+   of which reaches the judge's score of the task's reference answer (`tasks.sft_target`, the format SFT taught)
+   gets one pair: the reference as chosen, the worst response (first in order among equals) as rejected, source
+   `<judge>+reference`. Without it a prompt the model gets confidently wrong (all K samples wrong) never yields a
+   pair, so DPO cannot move its greedy answer (docs/preference-data-generation.md, "Reference answers").
+5. The training pairs are validated with `dpoflow.training_metrics.validate_dpo_pairs`: token length against
    `max_seq_len` (chat-formatted prompt + response + eos, the batching convention), mislabeled rows, conflicts
    (`conflict_rule`), duplicates, and decontamination against every evaluation set (`collect_eval_texts`).
-5. Regeneration: while avg_gap < min_gap or n_pairs < min_pairs after validation, and fewer than
+6. Regeneration: while avg_gap < min_gap or n_pairs < min_pairs after validation, and fewer than
    `max_extra_passes` extra passes ran, pass k (k = 1, 2, ...) samples K new responses for each prompt that has
    yielded no pair yet (training and held-out alike) at temperature `temperature + k * temperature_step` (rounded to
    6 decimals) with seed `seed + k`. A prompt's responses from all passes are pooled (deduplicated, re-judged
    together), so a correct answer found at a higher temperature pairs with a wrong one from any pass.
-6. Held-out pairs are built the same way from the held-out prompts (same passes, temperatures, judge, pairing)
+7. Held-out pairs are built the same way from the held-out prompts (same passes, temperatures, judge, pairing)
    and validated without decontamination (they ARE evaluation data; they are never trained on).
 
 Quality metrics (`PreferenceResult.metrics()`) are deterministic for the same inputs and seed; timings and
@@ -80,6 +85,7 @@ class PreferenceConfig:
     system_prompt: str | None = tasks.SYSTEM_PROMPT
     generation_batch_size: int = 64
     import_heldout_fraction: float = 0.1  # judge import: share of prompts held out for data/heldout_pairs.parquet
+    reference_chosen: bool = False  # no sample reaches the reference answer's score: pair the reference (step 4)
 
     def __post_init__(self) -> None:
         if self.pairing not in PAIRINGS:
@@ -96,7 +102,7 @@ class PreferenceConfig:
         values = {name: getattr(pp, name) for name in (
             "samples_per_prompt", "temperature", "top_p", "max_tokens", "pairing", "max_seq_len", "max_extra_passes",
             "temperature_step", "decontamination_ngram", "conflict_rule", "min_gap", "min_pairs")}
-        for optional in ("generation_batch_size", "import_heldout_fraction"):
+        for optional in ("generation_batch_size", "import_heldout_fraction", "reference_chosen"):
             if hasattr(pp, optional):
                 values[optional] = getattr(pp, optional)
         values.update(seed=p.seed, system_prompt=p.data.system_prompt or None)
@@ -288,6 +294,31 @@ def make_pairs(prompt: list[dict], responses: Sequence[str], scores: Sequence[fl
     return out
 
 
+def reference_pairs(states: Sequence["PromptState"], judge: Judge, source: str) -> list[int]:
+    """Give each state without a pair whose responses all score below its reference answer one pair: the reference
+    (`tasks.sft_target`) chosen, the worst response rejected. Returns the indices of the states that got one."""
+    todo = [i for i, st in enumerate(states)
+            if not st.pairs and st.responses and st.item is not None and str(st.item.get("answer", "")).strip()]
+    if not todo:
+        return []
+    references = [tasks.sft_target(states[i].item) for i in todo]
+    ref_scores = judge.score([states[i].item for i in todo], [states[i].prompt for i in todo],
+                             [[text] for text in references])
+    got = []
+    for i, reference, (ref_score,) in zip(todo, references, ref_scores):
+        st = states[i]
+        if float(ref_score) <= max(st.scores):
+            continue  # a sample is as good as the reference: nothing to teach, or a pair exists already
+        worst = min(range(len(st.scores)), key=lambda j: (st.scores[j], j))
+        if st.responses[worst].strip() == reference.strip():
+            continue
+        st.pairs = [make_pair(st.prompt, reference, st.responses[worst], float(ref_score), st.scores[worst],
+                              st.task, f"{source}+reference")]
+        st.reference_pair = True
+        got.append(i)
+    return got
+
+
 def token_counter(tokenizer: Any, prompts: Iterable[list[dict]]) -> Callable[[str], int]:
     """A `count_tokens` for validate_dpo_pairs that follows the batching convention exactly.
 
@@ -335,6 +366,7 @@ class PromptState:
     response_tokens: list[int] = field(default_factory=list)
     first_pair_pass: int | None = None
     passes: list[int] = field(default_factory=list)
+    reference_pair: bool = False  # its pair's chosen is the task's reference answer (reference_chosen)
 
     @property
     def task(self) -> str | None:
@@ -422,6 +454,7 @@ class PreferenceResult:
             "n_overlong": reasons.get("over-long", 0),
             "n_prompts": self.n_prompts,
             "n_prompts_with_pair": self.n_prompts_with_pair,
+            "n_reference_pairs": sum(1 for p in self.pairs if (p.get("source") or "").endswith("+reference")),
             "usable_prompt_fraction": self.n_prompts_with_pair / self.n_prompts if self.n_prompts else 0.0,
             "passes": len(self.passes),
             "temperature_final": self.passes[-1].temperature if self.passes else None,
@@ -590,6 +623,9 @@ def build_preference_data(
         for st, s in zip(todo, scores):
             st.scores = [float(x) for x in s]
             st.pairs = make_pairs(st.prompt, st.responses, st.scores, config.pairing, st.task, judge.source)
+        if config.reference_chosen:
+            reference_pairs(todo, judge, judge.source)
+        for st in todo:
             if st.pairs:
                 st.first_pair_pass = k
                 new_with_pair += 0 if st.heldout else 1
@@ -736,7 +772,8 @@ def render_report(result: PreferenceResult, metrics: Mapping[str, Any] | None = 
              f"{m['n_quarantined']}); held-out pairs: **{m['heldout_pairs']}** from {m['heldout_prompts']} prompts "
              f"(never trained on).", "",
              "| metric | value |", "|---|---|"]
-    for key in ("avg_gap", "n_pairs", "decontamination", "n_prompts", "n_prompts_with_pair", "usable_prompt_fraction",
+    for key in ("avg_gap", "n_pairs", "decontamination", "n_prompts", "n_prompts_with_pair", "n_reference_pairs",
+                "usable_prompt_fraction",
                 "n_input", "n_quarantined", "n_conflicts", "n_duplicates", "n_mislabeled", "n_contaminated",
                 "n_overlong", "passes", "temperature_final", "heldout_pairs", "heldout_quarantined", "heldout_avg_gap",
                 "n_responses", "n_duplicate_responses", "n_empty_responses", "truncated_response_fraction",

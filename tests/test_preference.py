@@ -231,6 +231,45 @@ def test_regeneration_on_weak_data_records_passes_and_gate_fails(tiny, splits):
     assert "preference gap 1 >= 0.15" in report and "decontamination 1 >= 0.9" in report
 
 
+def test_reference_answer_is_chosen_only_when_no_sample_is_right(splits):
+    from dpoflow.preference import PromptState, make_pairs, reference_pairs
+
+    verifier = judges.make_judge("verifier")
+    items = [it for it in splits["pref_prompts"] if it["task"] == "basic_arithmetic"][:3]
+    right = [tasks.sft_target(it) for it in items]
+    wrong = [f"{int(it['answer']) + 1}" for it in items]
+    cases = [[wrong[0], wrong[0] + "0"],   # all wrong: the reference is chosen against the first worst
+             [right[1], wrong[1]],         # mixed: the on-policy pair stays
+             [right[2], right[2] + " "]]   # all right: nothing to prefer
+    states = []
+    for item, responses in zip(items, cases):
+        st = PromptState(item=item, prompt=tasks.item_prompt(item), location="x")
+        st.responses = responses
+        st.scores = verifier.score([item], [st.prompt], [responses])[0]
+        st.pairs = make_pairs(st.prompt, st.responses, st.scores, task=item["task"], source="verifier")
+        states.append(st)
+    assert reference_pairs(states, verifier, "verifier") == [0]
+    pair = states[0].pairs[0]
+    assert (pair["chosen"], pair["rejected"], pair["source"]) == (right[0], wrong[0], "verifier+reference")
+    assert (pair["score_chosen"], pair["score_rejected"]) == (1.0, 0.0)
+    assert states[1].pairs[0]["source"] == "verifier" and states[2].pairs == []
+    assert states[0].reference_pair and not states[1].reference_pair
+
+
+def test_reference_chosen_turns_a_wrong_model_into_pairs(tiny, splits):
+    items = splits["pref_prompts"][:6]
+    off = _build(tiny, _config(max_extra_passes=0), judges.make_judge("verifier"), items)
+    on = _build(tiny, _config(max_extra_passes=0, reference_chosen=True), judges.make_judge("verifier"), items,
+                heldout=splits["heldout"][:3])
+    assert off.metrics()["n_pairs"] == 0  # a random model never answers right: no pair without references
+    m = on.metrics()
+    assert m["n_pairs"] == m["n_reference_pairs"] == 6 and m["avg_gap"] == 1.0
+    by_id = {st.item["id"]: st for st in on.prompt_states}
+    for pair, item in zip(on.pairs, items):
+        assert pair["chosen"] == tasks.sft_target(item) and pair["rejected"] in by_id[item["id"]].responses
+    assert len(on.heldout_pairs) == 3 and all(p["source"] == "verifier+reference" for p in on.heldout_pairs)
+
+
 def test_no_regeneration_when_the_data_is_good(tiny, splits):
     result = _build(tiny, _config(min_pairs=3), FirstWinsJudge({splits["pref_prompts"][0]["id"]}),
                     splits["pref_prompts"][:4])
