@@ -157,23 +157,24 @@ class _CompletionKV:
         return self.mask
 
 
-def shared_prompt_logprobs(model: nn.Module, batch: PairBatch) -> mx.array:
-    """target_logprobs(model, batch) for a PairBatch, computed with the prompt run once (module docstring)."""
+def shared_prompt_hidden(body: nn.Module, batch: PairBatch, n_inputs: int) -> tuple[mx.array, int, np.ndarray]:
+    """Final hidden states of a PairBatch with its prompt run once (module docstring).
+
+    The completion pass reads the first `n_inputs` completion tokens of every row. Returns (hidden, P, plen):
+    hidden [B*P + 2B*n_inputs, D] = the prompt pass's rows (pair i, position t at i*P + t) followed by the
+    completion pass's (row r, completion token j at B*P + r*n_inputs + j); P the padded prompt length; plen [2B]
+    each row's prompt length. Raises ValueError when a pair's rows do not share their prompt.
+    """
     B, T = batch.n_pairs, batch.seq_len
-    ids = np.asarray(batch.input_ids)
     plen = (batch.lengths - batch.completion_lengths).astype(np.int64)  # [2B]
     if not np.array_equal(plen[:B], plen[B:]):
-        raise ValueError("shared_prompt_logprobs: chosen and rejected rows must share their prompt")
-    body, head = body_and_head(model)
-    n_comp = batch.completion_lengths.astype(np.int64)
-    P, C = int(plen.max()), int(n_comp.max()) - 1  # completion inputs: all but the last completion token
+        raise ValueError("shared_prompt_hidden: chosen and rejected rows must share their prompt")
+    P, C = int(plen.max()), int(n_inputs)
     prompt_kv = [_PromptKV() for _ in body.layers]
     prompt_h = body(batch.input_ids[:B, :P], cache=prompt_kv)  # [B, P, D]; positions >= p_i are never read
-    hidden = [prompt_h.reshape(-1, prompt_h.shape[-1])]
-    # flat index (into [prompt_h rows; completion_h rows]) of the hidden state predicting each target, row-major
-    first = (np.arange(2 * B) % B) * P + plen - 1
-    index = [[f] for f in first]
+    hidden = prompt_h.reshape(-1, prompt_h.shape[-1])
     if C > 0:
+        ids = np.asarray(batch.input_ids)
         rows = np.arange(2 * B)[:, None]
         cols = np.minimum(plen[:, None] + np.arange(C)[None], T - 1)
         comp_ids = mx.array(ids[rows, cols].astype(np.int32))  # [2B, C]; beyond a row's completion: masked/unread
@@ -183,12 +184,23 @@ def shared_prompt_logprobs(model: nn.Module, batch: PairBatch) -> mx.array:
         comp_kv = [_CompletionKV(kv, mx.array(plen.astype(np.int32)), mx.array(mask[:, None]))
                    for kv in prompt_kv]
         comp_h = body(comp_ids, cache=comp_kv)  # [2B, C, D]
-        hidden.append(comp_h.reshape(-1, comp_h.shape[-1]))
-        for r in range(2 * B):
-            index[r].extend(B * P + r * C + np.arange(n_comp[r] - 1))
-    flat = np.concatenate([np.asarray(i, dtype=np.int64) for i in index])
-    h = mx.concatenate(hidden)[mx.array(flat)] if len(hidden) > 1 else hidden[0][mx.array(flat)]
-    return logprobs_from_logits(head(h).astype(mx.float32), mx.array(batch.target_ids))
+        hidden = mx.concatenate([hidden, comp_h.reshape(-1, comp_h.shape[-1])])
+    return hidden, P, plen
+
+
+def shared_prompt_logprobs(model: nn.Module, batch: PairBatch) -> mx.array:
+    """target_logprobs(model, batch) for a PairBatch, computed with the prompt run once (module docstring)."""
+    B = batch.n_pairs
+    body, head = body_and_head(model)
+    n_comp = batch.completion_lengths.astype(np.int64)
+    C = int(n_comp.max()) - 1  # completion inputs: all but the last completion token
+    hidden, P, plen = shared_prompt_hidden(body, batch, C)
+    # flat index of the hidden state predicting each target, row-major: c_0 from the prompt pass at p_r - 1,
+    # c_j (j >= 1) from the completion pass at j - 1
+    first = (np.arange(2 * B) % B) * P + plen - 1
+    index = [np.concatenate([[f], B * P + r * C + np.arange(n_comp[r] - 1)]) for r, f in enumerate(first)]
+    flat = np.concatenate(index).astype(np.int64)
+    return logprobs_from_logits(head(hidden[mx.array(flat)]).astype(mx.float32), mx.array(batch.target_ids))
 
 
 def reference_logprobs(ref_model: nn.Module, batch: SeqBatch) -> tuple[mx.array, mx.array]:

@@ -4,7 +4,8 @@
     r_i    = head(hidden[i, last_index_i])        [N]         nn.Linear(D, 1) on the LAST NON-PAD token (the eos)
     loss   = mean -log sigma(r_c - r_w - m) + center_coef * mean (r_c + r_w)^2      (TRL's RewardTrainer)
 
-Chosen and rejected go through one forward (`batching.collate_pairs`: rows 0..B-1 chosen, B..2B-1 rejected).
+Chosen and rejected go through one forward (`batching.collate_pairs`: rows 0..B-1 chosen, B..2B-1 rejected); their
+shared prompt runs once where the model allows (`logprobs.shared_prompt_hidden`, as in DPO).
 Sequences are right-padded and attention is causal, so the reward read at the last real token does not depend on
 padding or on the other rows of the batch: scoring in batches equals scoring one by one.
 
@@ -44,7 +45,7 @@ from dpoflow.batching import (
     split_pairs,
 )
 from dpoflow.io import atomic_path, read_json, write_json
-from dpoflow.logprobs import body_and_head
+from dpoflow.logprobs import body_and_head, shared_prompt_hidden, shared_prompt_supported
 from dpoflow.losses import bradley_terry_loss, preference_stats
 from dpoflow.trainer import BatchSchedule, TrainConfig, train
 
@@ -129,8 +130,21 @@ class RewardModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------- forward
     def rewards(self, batch: SeqBatch) -> mx.array:
-        """Scalar reward [N] (float32) of every row of `batch`, read at its last non-pad token."""
-        hidden = _body(self.backbone)(batch.input_ids)                         # [N, T, D]
+        """Scalar reward [N] (float32) of every row of `batch`, read at its last non-pad token.
+
+        A PairBatch whose rows share their prompt runs that prompt once for chosen and rejected
+        (logprobs.shared_prompt_hidden): same rewards up to float32 rounding, B*P + 2B*C body tokens instead of
+        2B*(P + C)."""
+        body = _body(self.backbone)
+        if isinstance(batch, PairBatch) and shared_prompt_supported(self.backbone):
+            n_pairs, n_comp = batch.n_pairs, batch.completion_lengths.astype(np.int64)
+            plen = batch.lengths - batch.completion_lengths
+            if np.array_equal(plen[:n_pairs], plen[n_pairs:]):
+                C = int(n_comp.max())
+                hidden, P, _ = shared_prompt_hidden(body, batch, C)
+                flat = n_pairs * P + np.arange(2 * n_pairs, dtype=np.int64) * C + n_comp - 1  # each row's last token
+                return self.head(hidden[mx.array(flat)]).reshape(2 * n_pairs).astype(mx.float32)
+        hidden = body(batch.input_ids)                                         # [N, T, D]
         n, t, d = hidden.shape
         flat = np.arange(n, dtype=np.int64) * t + np.asarray(batch.last_index, dtype=np.int64)
         last = hidden.reshape(n * t, d)[mx.array(flat)]                       # [N, D]

@@ -198,6 +198,36 @@ def test_score_batches_equal_one_by_one(trained):
         rm.score(prompts, responses[:-1])
 
 
+def test_shared_prompt_rewards_and_gradients_equal_the_full_forward(tiny_model_dir):
+    """Pair batches run their prompt once (logprobs.shared_prompt_hidden): rewards and the loss's gradients match
+    the [2B, T] forward, with completions of different lengths (and one-token ones) in the batch."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from dpoflow import logprobs
+    from dpoflow.batching import EncodedPair
+
+    rm = fresh_rm(tiny_model_dir, seed=3)
+    pairs = planted_pairs(n_prompts=4, per_prompt=1, seed=5)
+    pairs[1] = dict(pairs[1], chosen="banana", rejected="a much longer rejected answer than the chosen one")
+    encoded = [encode_pair(rm.tokenizer, p, MAX_LEN) for p in pairs] + [EncodedPair([5, 6, 7], [8], [9, 10])]
+    batch = make_batch(encoded, range(len(encoded)), rm.pad_id)
+
+    def loss_and_grads():
+        loss, grads = nn.value_and_grad(rm, lambda m: reward_loss(m, batch, 0.01)[0])(rm)
+        return rm(batch.pairs), grads
+
+    shared, g_shared = loss_and_grads()
+    old, logprobs.SHARED_PROMPT_ENABLED = logprobs.SHARED_PROMPT_ENABLED, False
+    try:
+        plain, g_plain = loss_and_grads()
+    finally:
+        logprobs.SHARED_PROMPT_ENABLED = old
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(plain), atol=1e-5, rtol=0)
+    for (k, a), (_, b) in zip(tree_flatten(g_shared), tree_flatten(g_plain)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-3, err_msg=k)
+
+
 def test_save_load_round_trip_identical_scores(trained, tiny_model_dir, tmp_path):
     rm, pairs, _ = trained
     out = save_reward_model(rm, tmp_path / "reward", tiny_model_dir)
