@@ -296,23 +296,27 @@ def make_pairs(prompt: list[dict], responses: Sequence[str], scores: Sequence[fl
 
 def reference_pairs(states: Sequence["PromptState"], judge: Judge, source: str) -> list[int]:
     """Give each state without a pair whose responses all score below its reference answer one pair: the reference
-    (`tasks.sft_target`) chosen, the worst response rejected. Returns the indices of the states that got one."""
+    (`tasks.sft_target`) chosen, the worst response rejected. Returns the indices of the states that got one.
+
+    The reference is judged together with the prompt's responses (one list), so judges whose scores depend on the
+    other responses (the reward model centres on their mean) put all of them on one scale; the pair carries the
+    scores of that call.
+    """
     todo = [i for i, st in enumerate(states)
             if not st.pairs and st.responses and st.item is not None and str(st.item.get("answer", "")).strip()]
     if not todo:
         return []
     references = [tasks.sft_target(states[i].item) for i in todo]
-    ref_scores = judge.score([states[i].item for i in todo], [states[i].prompt for i in todo],
-                             [[text] for text in references])
+    scored = judge.score([states[i].item for i in todo], [states[i].prompt for i in todo],
+                         [list(states[i].responses) + [ref] for i, ref in zip(todo, references)])
     got = []
-    for i, reference, (ref_score,) in zip(todo, references, ref_scores):
+    for i, reference, scores in zip(todo, references, scored):
         st = states[i]
-        if float(ref_score) <= max(st.scores):
+        *response_scores, ref_score = (float(x) for x in scores)
+        if ref_score <= max(response_scores):
             continue  # a sample is as good as the reference: nothing to teach, or a pair exists already
-        worst = min(range(len(st.scores)), key=lambda j: (st.scores[j], j))
-        if st.responses[worst].strip() == reference.strip():
-            continue
-        st.pairs = [make_pair(st.prompt, reference, st.responses[worst], float(ref_score), st.scores[worst],
+        worst = min(range(len(response_scores)), key=lambda j: (response_scores[j], j))
+        st.pairs = [make_pair(st.prompt, reference, st.responses[worst], ref_score, response_scores[worst],
                               st.task, f"{source}+reference")]
         st.reference_pair = True
         got.append(i)

@@ -256,6 +256,34 @@ def test_reference_answer_is_chosen_only_when_no_sample_is_right(splits):
     assert states[0].reference_pair and not states[1].reference_pair
 
 
+class CentredLengthJudge(judges.Judge):
+    """Scores like the reward-model judge, centred on the prompt's responses: sigmoid(len - mean len)."""
+
+    name = "centred"
+
+    def __init__(self):
+        self.calls = []
+
+    def score(self, items, prompts, responses):
+        self.calls.append([list(r) for r in responses])
+        return [[1 / (1 + math.exp(-(len(t) - sum(map(len, rs)) / len(rs)))) for t in rs] for rs in responses]
+
+
+def test_reference_is_judged_on_the_responses_scale(splits):
+    """A centring judge rates a lone text 0.5 whatever it is: the reference is judged in one list with the responses."""
+    from dpoflow.preference import PromptState, reference_pairs
+
+    item = splits["pref_prompts"][0]
+    reference = tasks.sft_target(item)
+    st = PromptState(item=item, prompt=tasks.item_prompt(item), location="x")
+    st.responses, st.scores = ["1", "22"], [0.5, 0.5]  # a centring judge's tie: no on-policy pair
+    judge = CentredLengthJudge()
+    assert reference_pairs([st], judge, "centred") == [0]
+    assert judge.calls == [[["1", "22", reference]]]
+    pair = st.pairs[0]
+    assert (pair["chosen"], pair["rejected"]) == (reference, "1") and pair["score_chosen"] > 0.5 > pair["score_rejected"]
+
+
 def test_reference_chosen_turns_a_wrong_model_into_pairs(tiny, splits):
     items = splits["pref_prompts"][:6]
     off = _build(tiny, _config(max_extra_passes=0), judges.make_judge("verifier"), items)
