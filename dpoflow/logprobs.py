@@ -188,19 +188,22 @@ def shared_prompt_hidden(body: nn.Module, batch: PairBatch, n_inputs: int) -> tu
     return hidden, P, plen
 
 
-def shared_prompt_logprobs(model: nn.Module, batch: PairBatch) -> mx.array:
-    """target_logprobs(model, batch) for a PairBatch, computed with the prompt run once (module docstring)."""
-    B = batch.n_pairs
-    body, head = body_and_head(model)
-    n_comp = batch.completion_lengths.astype(np.int64)
-    C = int(n_comp.max()) - 1  # completion inputs: all but the last completion token
-    hidden, P, plen = shared_prompt_hidden(body, batch, C)
-    # flat index of the hidden state predicting each target, row-major: c_0 from the prompt pass at p_r - 1,
-    # c_j (j >= 1) from the completion pass at j - 1
+def shared_target_index(batch: PairBatch, P: int, C: int, plen: np.ndarray) -> mx.array:
+    """Rows of `shared_prompt_hidden(..., C)`'s output that predict each completion target, in the order of
+    batch.target_ids (row-major): c_0 from the prompt pass at p_r - 1, c_j (j >= 1) from the completion pass at j - 1."""
+    B, n_comp = batch.n_pairs, batch.completion_lengths.astype(np.int64)
     first = (np.arange(2 * B) % B) * P + plen - 1
     index = [np.concatenate([[f], B * P + r * C + np.arange(n_comp[r] - 1)]) for r, f in enumerate(first)]
-    flat = np.concatenate(index).astype(np.int64)
-    return logprobs_from_logits(head(hidden[mx.array(flat)]).astype(mx.float32), mx.array(batch.target_ids))
+    return mx.array(np.concatenate(index).astype(np.int64))
+
+
+def shared_prompt_logprobs(model: nn.Module, batch: PairBatch) -> mx.array:
+    """target_logprobs(model, batch) for a PairBatch, computed with the prompt run once (module docstring)."""
+    body, head = body_and_head(model)
+    C = int(batch.completion_lengths.max()) - 1  # completion inputs: all but the last completion token
+    hidden, P, plen = shared_prompt_hidden(body, batch, C)
+    h = hidden[shared_target_index(batch, P, C, plen)]
+    return logprobs_from_logits(head(h).astype(mx.float32), mx.array(batch.target_ids))
 
 
 def reference_logprobs(ref_model: nn.Module, batch: SeqBatch) -> tuple[mx.array, mx.array]:

@@ -117,6 +117,9 @@ class RewardModelParams:
     epochs: int = _spec(2, low=1)
     margin: float = _spec(0.0, low=0)
     center_coef: float = _spec(0.01, low=0)
+    # Initial weight of the LM term: reward += w * mean log p(response | prompt) under the LoRA-adapted SFT model
+    # (w is trained with the head). 0 = head on the last token only.
+    lm_logprob_weight: float = _spec(0.0, low=0)
     val_fraction: float = _spec(0.2, low=0, high=1, low_open=True)
     max_overfit_gap: float = _spec(0.15, low=0)
     contradiction_filter: Optional[float] = _spec(None, low=0.5, high=1)

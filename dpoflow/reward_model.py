@@ -45,7 +45,14 @@ from dpoflow.batching import (
     split_pairs,
 )
 from dpoflow.io import atomic_path, read_json, write_json
-from dpoflow.logprobs import body_and_head, shared_prompt_hidden, shared_prompt_supported
+from dpoflow.logprobs import (
+    body_and_head,
+    logprobs_from_logits,
+    scatter_rows,
+    shared_prompt_hidden,
+    shared_prompt_supported,
+    shared_target_index,
+)
 from dpoflow.losses import bradley_terry_loss, preference_stats
 from dpoflow.trainer import BatchSchedule, TrainConfig, train
 
@@ -113,9 +120,14 @@ class RewardModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, tokenizer: Any, *, max_seq_len: int, seed: int = 0,
-                 adapter_config: Optional[dict] = None, head: Optional[nn.Linear] = None):
+                 adapter_config: Optional[dict] = None, head: Optional[nn.Linear] = None, lm_weight: float = 0.0):
         super().__init__()
         self.backbone = backbone
+        if lm_weight:  # a trainable scalar; absent = no LM term (and no LM head computed)
+            if body_and_head(backbone) is None:
+                raise RewardModelError(f"lm_logprob_weight needs a model whose LM head can be split off; "
+                                       f"{type(backbone).__name__} cannot")
+            self.lm_weight = mx.array([float(lm_weight)])
         self.hidden_size = _hidden_size(backbone)
         self.head = head if head is not None else init_head(self.hidden_size, seed)
         if tuple(self.head.weight.shape) != (1, self.hidden_size):
@@ -130,25 +142,35 @@ class RewardModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------- forward
     def rewards(self, batch: SeqBatch) -> mx.array:
-        """Scalar reward [N] (float32) of every row of `batch`, read at its last non-pad token.
+        """Scalar reward [N] (float32) of every row of `batch`, read at its last non-pad token, plus
+        `lm_weight * mean log p(completion | prompt)` under the (LoRA-adapted) LM when the model has that term.
 
         A PairBatch whose rows share their prompt runs that prompt once for chosen and rejected
         (logprobs.shared_prompt_hidden): same rewards up to float32 rounding, B*P + 2B*C body tokens instead of
         2B*(P + C)."""
         body = _body(self.backbone)
+        lm_head = body_and_head(self.backbone)[1] if "lm_weight" in self else None
+        n_comp = batch.completion_lengths.astype(np.int64)
+        hidden = None
         if isinstance(batch, PairBatch) and shared_prompt_supported(self.backbone):
-            n_pairs, n_comp = batch.n_pairs, batch.completion_lengths.astype(np.int64)
+            n_pairs = batch.n_pairs
             plen = batch.lengths - batch.completion_lengths
             if np.array_equal(plen[:n_pairs], plen[n_pairs:]):
                 C = int(n_comp.max())
-                hidden, P, _ = shared_prompt_hidden(body, batch, C)
-                flat = n_pairs * P + np.arange(2 * n_pairs, dtype=np.int64) * C + n_comp - 1  # each row's last token
-                return self.head(hidden[mx.array(flat)]).reshape(2 * n_pairs).astype(mx.float32)
-        hidden = body(batch.input_ids)                                         # [N, T, D]
-        n, t, d = hidden.shape
-        flat = np.arange(n, dtype=np.int64) * t + np.asarray(batch.last_index, dtype=np.int64)
-        last = hidden.reshape(n * t, d)[mx.array(flat)]                       # [N, D]
-        return self.head(last).reshape(n).astype(mx.float32)
+                hidden, P, plen = shared_prompt_hidden(body, batch, C)
+                last = n_pairs * P + np.arange(2 * n_pairs, dtype=np.int64) * C + n_comp - 1  # each row's last token
+                targets = shared_target_index(batch, P, C, plen) if lm_head is not None else None
+        if hidden is None:
+            h = body(batch.input_ids)                                                # [N, T, D]
+            hidden = h.reshape(-1, h.shape[-1])
+            last = np.arange(batch.n_rows, dtype=np.int64) * batch.seq_len + np.asarray(batch.last_index, np.int64)
+            targets = mx.array(batch.positions) if lm_head is not None else None
+        reward = self.head(hidden[mx.array(last)]).reshape(batch.n_rows).astype(mx.float32)
+        if lm_head is None:
+            return reward
+        logps = logprobs_from_logits(lm_head(hidden[targets]).astype(mx.float32), mx.array(batch.target_ids))
+        mean_logp = scatter_rows(logps, batch) / mx.array(batch.completion_lengths, dtype=mx.float32)
+        return reward + self.lm_weight * mean_logp
 
     def __call__(self, batch: SeqBatch) -> mx.array:
         return self.rewards(batch)
@@ -210,10 +232,13 @@ class RewardModel(nn.Module):
 
 
 def build_reward_model(backbone: nn.Module, tokenizer: Any, *, lora_rank: int, lora_layers: int, seed: int,
-                       max_seq_len: int, lora_scale: float = DEFAULT_LORA_SCALE) -> RewardModel:
-    """Freeze `backbone` (the SFT model), attach LoRA to its last `lora_layers` blocks and add a fresh head."""
+                       max_seq_len: int, lora_scale: float = DEFAULT_LORA_SCALE,
+                       lm_logprob_weight: float = 0.0) -> RewardModel:
+    """Freeze `backbone` (the SFT model), attach LoRA to its last `lora_layers` blocks and add a fresh head (and the
+    LM log-likelihood term, initial weight `lm_logprob_weight`, when non-zero)."""
     adapter_config = models.attach_lora(backbone, rank=lora_rank, scale=lora_scale, num_layers=lora_layers, seed=seed)
-    return RewardModel(backbone, tokenizer, max_seq_len=max_seq_len, seed=seed, adapter_config=adapter_config)
+    return RewardModel(backbone, tokenizer, max_seq_len=max_seq_len, seed=seed, adapter_config=adapter_config,
+                       lm_weight=lm_logprob_weight)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,8 +473,10 @@ def save_reward_model(rm: RewardModel, out_dir: Path, base_path: Path, base_hash
     }
     with atomic_path(out_dir) as tmp:
         models.save_adapters(rm.backbone, tmp, rm.adapter_config)   # creates tmp/ with the two adapter files
-        mx.save_safetensors(str(tmp / HEAD_FILE), {"weight": rm.head.weight, "bias": rm.head.bias},
-                            metadata={"format": "mlx"})
+        head = {"weight": rm.head.weight, "bias": rm.head.bias}
+        if "lm_weight" in rm:
+            head["lm_weight"] = rm.lm_weight
+        mx.save_safetensors(str(tmp / HEAD_FILE), head, metadata={"format": "mlx"})
         write_json(tmp / CONFIG_FILE, config)
     return Path(out_dir)
 
@@ -498,9 +525,14 @@ def load_reward_model(path: str | Path, base_path: Optional[str | Path] = None) 
                                f"{_hidden_size(backbone)}")
     models.load_adapters(backbone, path)
     head = nn.Linear(int(config["hidden_size"]), 1)
-    head.load_weights(list(mx.load(str(path / HEAD_FILE)).items()), strict=True)
+    weights = mx.load(str(path / HEAD_FILE))
+    lm_weight = weights.pop("lm_weight", None)
+    head.load_weights(list(weights.items()), strict=True)
     rm = RewardModel(backbone, tokenizer, max_seq_len=int(config["max_seq_len"]), head=head,
-                     adapter_config=read_json(path / "adapter_config.json"))
+                     adapter_config=read_json(path / "adapter_config.json"),
+                     lm_weight=1.0 if lm_weight is not None else 0.0)
+    if lm_weight is not None:
+        rm.lm_weight = lm_weight
     rm.freeze()
     rm.eval()
     mx.eval(rm.parameters())

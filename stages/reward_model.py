@@ -46,7 +46,7 @@ def main(params_path: str) -> None:
     base_hash = models.model_hash(BASE)
     model, tokenizer = models.load_model(BASE, dtype="float32")
     rm = build_reward_model(model, tokenizer, lora_rank=rp.lora_rank, lora_layers=rp.lora_layers, seed=p.seed,
-                            max_seq_len=p.preference.max_seq_len)
+                            max_seq_len=p.preference.max_seq_len, lm_logprob_weight=rp.lm_logprob_weight)
     train_params = {k: v for k, v in asdict(rp).items() if k not in GATE_ONLY}
     fingerprint = repr((sorted(train_params.items()), p.seed, batch_size, p.preference.max_seq_len, base_hash,
                         _file_sha256(PAIRS)))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 import yaml
@@ -198,16 +199,21 @@ def test_score_batches_equal_one_by_one(trained):
         rm.score(prompts, responses[:-1])
 
 
-def test_shared_prompt_rewards_and_gradients_equal_the_full_forward(tiny_model_dir):
+@pytest.mark.parametrize("lm_weight", [0.0, 2.0])
+def test_shared_prompt_rewards_and_gradients_equal_the_full_forward(tiny_model_dir, lm_weight):
     """Pair batches run their prompt once (logprobs.shared_prompt_hidden): rewards and the loss's gradients match
-    the [2B, T] forward, with completions of different lengths (and one-token ones) in the batch."""
+    the [2B, T] forward, with completions of different lengths (and one-token ones) in the batch; with and without
+    the LM log-likelihood term."""
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
     from dpoflow import logprobs
     from dpoflow.batching import EncodedPair
 
-    rm = fresh_rm(tiny_model_dir, seed=3)
+    backbone, tokenizer = models.load_model(tiny_model_dir, dtype="float32")
+    rm = build_reward_model(backbone, tokenizer, lora_rank=4, lora_layers=2, seed=3, max_seq_len=MAX_LEN,
+                            lm_logprob_weight=lm_weight)
+    assert ("lm_weight" in rm) == bool(lm_weight)
     pairs = planted_pairs(n_prompts=4, per_prompt=1, seed=5)
     pairs[1] = dict(pairs[1], chosen="banana", rejected="a much longer rejected answer than the chosen one")
     encoded = [encode_pair(rm.tokenizer, p, MAX_LEN) for p in pairs] + [EncodedPair([5, 6, 7], [8], [9, 10])]
@@ -226,6 +232,33 @@ def test_shared_prompt_rewards_and_gradients_equal_the_full_forward(tiny_model_d
     np.testing.assert_allclose(np.asarray(shared), np.asarray(plain), atol=1e-5, rtol=0)
     for (k, a), (_, b) in zip(tree_flatten(g_shared), tree_flatten(g_plain)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-3, err_msg=k)
+
+
+def test_lm_term_is_the_mean_completion_logprob_and_round_trips(tiny_model_dir, tmp_path):
+    """reward = head(last hidden) + w * mean log p(completion | prompt); w is trained and saved with the head."""
+    from dpoflow.batching import collate_sequences
+    from dpoflow.logprobs import completion_logprobs
+
+    backbone, tokenizer = models.load_model(tiny_model_dir, dtype="float32")
+    with_lm = build_reward_model(backbone, tokenizer, lora_rank=4, lora_layers=2, seed=1, max_seq_len=MAX_LEN,
+                                 lm_logprob_weight=3.0)
+    pairs = planted_pairs(n_prompts=3, per_prompt=1, seed=2)
+    encoded = [with_lm.encode(p["prompt"], p["chosen"]) for p in pairs]
+    batch = collate_sequences([e[0] for e in encoded], [e[1] for e in encoded], with_lm.pad_id)
+    sums, n = completion_logprobs(with_lm.backbone, batch)
+    head_only = with_lm.lm_weight
+    with_lm.lm_weight = mx.array([0.0])
+    base = np.asarray(with_lm.rewards(batch))
+    with_lm.lm_weight = head_only
+    np.testing.assert_allclose(np.asarray(with_lm.rewards(batch)), base + 3.0 * np.asarray(sums / n), atol=1e-5)
+    assert "lm_weight" in dict(tree_flatten(with_lm.trainable_parameters()))
+
+    with_lm.lm_weight = mx.array([2.5])
+    save_reward_model(with_lm, tmp_path / "rm", tiny_model_dir)
+    loaded = load_reward_model(tmp_path / "rm")
+    assert float(loaded.lm_weight[0]) == 2.5
+    prompts, responses = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
+    np.testing.assert_allclose(loaded.score(prompts, responses), with_lm.score(prompts, responses), atol=1e-5)
 
 
 def test_save_load_round_trip_identical_scores(trained, tiny_model_dir, tmp_path):
