@@ -318,7 +318,6 @@ def reference_pairs(states: Sequence["PromptState"], judge: Judge, source: str) 
         worst = min(range(len(response_scores)), key=lambda j: (response_scores[j], j))
         st.pairs = [make_pair(st.prompt, reference, st.responses[worst], ref_score, response_scores[worst],
                               st.task, f"{source}+reference")]
-        st.reference_pair = True
         got.append(i)
     return got
 
@@ -370,7 +369,6 @@ class PromptState:
     response_tokens: list[int] = field(default_factory=list)
     first_pair_pass: int | None = None
     passes: list[int] = field(default_factory=list)
-    reference_pair: bool = False  # its pair's chosen is the task's reference answer (reference_chosen)
 
     @property
     def task(self) -> str | None:

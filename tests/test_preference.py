@@ -253,7 +253,7 @@ def test_reference_answer_is_chosen_only_when_no_sample_is_right(splits):
     assert (pair["chosen"], pair["rejected"], pair["source"]) == (right[0], wrong[0], "verifier+reference")
     assert (pair["score_chosen"], pair["score_rejected"]) == (1.0, 0.0)
     assert states[1].pairs[0]["source"] == "verifier" and states[2].pairs == []
-    assert states[0].reference_pair and not states[1].reference_pair
+    assert [st.pairs[0]["source"] for st in states[:2]] == ["verifier+reference", "verifier"]
 
 
 class CentredLengthJudge(judges.Judge):
