@@ -59,12 +59,13 @@ def main() -> None:
     args = ap.parse_args()
     p = load_params(PROJECT / "params.yaml")
     _, batch_size = p.resolved_batch_size()
-    items = tasks.read_split(PROJECT / "data/tasks/sft_val.jsonl") + tasks.read_split(PROJECT / "data/tasks/heldout.jsonl")
+    heldout_items = tasks.read_split(PROJECT / "data/tasks/heldout.jsonl")
+    items = tasks.read_split(PROJECT / "data/tasks/sft_val.jsonl") + heldout_items
     prompts = [tasks.item_prompt(item, p.data.system_prompt or None) for item in items]
     judge = judges.make_judge("verifier")
     pairs = {split: read_pairs(PROJECT / f"data/{name}.parquet")
              for split, name in (("train", "pairs"), ("heldout", "heldout_pairs"))}
-    kl_prompts = kl_prompt_messages(tasks.read_split(PROJECT / "data/tasks/heldout.jsonl"), p.init.kl_prompts,
+    kl_prompts = kl_prompt_messages(heldout_items, p.init.kl_prompts,
                                     p.data.system_prompt)
     sft_model, _ = models.load_model(PROJECT / "models/sft", dtype=p.model.dtype)
     sft_texts = None  # generated once, with the first policy's tokenizer (the SFT one)
@@ -94,8 +95,8 @@ def main() -> None:
                "learning_rate": m["learning_rate"], "n_attempts": m["n_attempts"],
                "kl_checks": [{k: e[k] for k in ("step", "kl", "heldout_gap")} for e in m["kl_checks"]], "heldout_gap": m["heldout_gap"],
                "heldout_accuracy": m["heldout_accuracy"], "win_rate": wr,
-               "accuracy_policy": sum(tasks.score(i, t) for i, t in zip(items, policy_texts)) / len(items),
-               "accuracy_sft": sum(tasks.score(i, t) for i, t in zip(items, sft_texts)) / len(items),
+               "accuracy_policy": sum(j["score_final"] for j in judgments) / len(judgments),
+               "accuracy_sft": sum(j["score_baseline"] for j in judgments) / len(judgments),
                "n_prompts": len(items), "train_seconds": round(train_seconds, 1)}
         results[name] = row
         print(name, json.dumps(row), flush=True)
