@@ -2,7 +2,9 @@
 
 Round 0 is the Stage 5 policy (`models/dpo`). Round k = 1 .. iterate.rounds:
 
-    items   = data/tasks/rounds.jsonl[(k-1)*P : k*P]              P = iterate.prompts_per_round (disjoint rounds)
+    items   = screened[(k-1)*P : k*P]                              P = iterate.prompts_per_round (disjoint rounds)
+              screened: data/tasks/rounds.jsonl without the prompts that overlap an evaluation set
+              (`screen_prompts`, set aside with their reason before any sampling)
     pairs   = preference.build_preference_data(policy_{k-1}, judge, items)      on-policy samples, judged,
               validated by Stage 2's validator; the round FAILS if they fail the preference_data checks, with
               n_pairs compared to iterate.min_pairs instead of preference.min_pairs (`round_min_pairs`)
@@ -48,9 +50,11 @@ from dpoflow import io, models
 from dpoflow.batching import encode_pair
 from dpoflow.data import read_pairs, write_pairs
 from dpoflow.dpo import heldout_metrics, train_dpo
+from dpoflow.tasks import item_prompt
 from dpoflow.policy import (POLICY_CONFIG, base_parameters, compute_ref_logps, load_policy, measure_kl, pad_id_of)
 from dpoflow.sft import greedy_accuracy
 from dpoflow.trainer import TrainingDiverged
+from dpoflow.training_metrics import _EvalIndex
 
 REFERENCES = ("initial", "previous")
 # Metrics compared between rounds; a drop of any of them by more than iterate.regression_tolerance is a regression.
@@ -161,6 +165,33 @@ def round_slice(n_items: int, round_index: int, per_round: int) -> tuple[int, in
     """[start, stop) of round `round_index`'s (1-based) prompts in rounds.jsonl; empty when exhausted."""
     start = min(n_items, (round_index - 1) * per_round)
     return start, min(n_items, start + per_round)
+
+
+def screen_prompts(items: Sequence[Mapping[str, Any]], eval_texts: Optional[Mapping[str, list[str]]], ngram: int,
+                   system_prompt: Optional[str], origin: str) -> tuple[list[tuple[int, Mapping[str, Any]]], list[dict]]:
+    """Split the round prompts into ((line number, item) of the clean ones, quarantine rows of the others).
+
+    A prompt is set aside when its messages overlap an evaluation set by Stage 2's test (`validate_dpo_pairs`'s
+    n-gram / whole-short-text match, same n). Stage 2 samples first and quarantines contaminated pairs, and its
+    decontamination fraction measures that; a round is small and the contaminated prompts (short add_3term
+    sums, ~4% of rounds.jsonl) are the ones most likely to make a pair, so without screening a round's fraction
+    fell under 0.9 (10 of 89 on 2026-12-03) and the round was rolled back before training. The pair check still
+    runs on what the round generates: a response can overlap an evaluation set on its own.
+    """
+    lines = list(enumerate(items, 1))
+    if not eval_texts:
+        return lines, []
+    index = _EvalIndex(dict(eval_texts), ngram)
+    clean, quarantined = [], []
+    for line, item in lines:
+        prompt = item_prompt(item, system_prompt)
+        hits = index.matches([(f"prompt[{i}].content", m["content"]) for i, m in enumerate(prompt)])
+        if hits:
+            quarantined.append({"location": f"{origin}:{line}", "field": next(iter(hits.values())),
+                                "reason": f"contaminated prompt: {', '.join(hits)}", "row": dict(item)})
+        else:
+            clean.append((line, item))
+    return clean, quarantined
 
 
 def convergence_analysis(rounds: Sequence[Mapping[str, Any]], selected: int, decision: str,
@@ -518,6 +549,8 @@ class IterateResult:
     chains: dict[int, list[Path]]         # round -> snapshot chain (round 0: [models/dpo])
     pairs: dict[int, list[dict]]          # round -> its validated on-policy pairs
     settings: IterateSettings
+    quarantined: list[dict] = field(default_factory=list)  # screened-out prompts, then each round's pair rows
+    n_screened_out: int = 0               # round prompts set aside before sampling (`screen_prompts`)
     perf: dict = field(default_factory=dict)
 
     @property
@@ -536,6 +569,7 @@ class IterateResult:
             "selected_benchmark_mean": sel.get("benchmark_mean"),
             "selected_reference": sel.get("reference"),
             "n_rounds_run": sum(1 for r in self.rounds if r["round"] > 0),
+            "n_prompts_screened_out": self.n_screened_out,
             "decision": self.decision,
             "analysis": self.analysis,
             "rounds": self.rounds,
@@ -612,7 +646,12 @@ def run_iteration(
     records: list[dict] = []
     chains: dict[int, list[Path]] = {0: [dpo_dir]}
     pairs_by_round: dict[int, list[dict]] = {}
+    quarantined_by_round: dict[int, list[dict]] = {}
     perf: dict = {"rounds": []}
+    screened, screened_out = screen_prompts(round_items, eval_texts, preference_config.decontamination_ngram,
+                                            preference_config.system_prompt, rounds_origin)
+    if screened_out:
+        log(f"{len(screened_out)} of {len(round_items)} round prompts overlap an evaluation set: set aside")
     t_start = time.perf_counter()
 
     # round 0: the Stage 5 policy, measured exactly as every later round
@@ -634,7 +673,7 @@ def run_iteration(
 
     stop: Optional[str] = None
     for k in range(1, s.rounds + 1):
-        start, end = round_slice(len(round_items), k, s.prompts_per_round)
+        start, end = round_slice(len(screened), k, s.prompts_per_round)
         if start == end:
             stop = "out_of_prompts"
             log(f"round {k}: no fresh prompts left in {rounds_origin}")
@@ -646,13 +685,14 @@ def run_iteration(
         if state is not None:  # finished before a kill: reuse
             record = state["record"]
             pairs_by_round[k] = read_pairs(rdir / "pairs.parquet")
+            quarantined_by_round[k] = state.get("quarantined", [])
             if (rdir / "policy").exists():
                 chains[k] = chain_for(chains, k, rdir / "policy", finetune, s.reference)
             log(f"round {k}: resumed ({record['decision']})")
         else:
-            record, timings = _run_round(k, start, end, rdir, fp, chains, pairs_by_round, records[-1],
-                                         sft_dir=sft_dir, sft_hash=sft_hash, finetune=finetune,
-                                         round_items=round_items, judge=judge, preference_config=preference_config,
+            record, timings = _run_round(k, start, end, rdir, fp, chains, pairs_by_round, quarantined_by_round,
+                                         records[-1], sft_dir=sft_dir, sft_hash=sft_hash, finetune=finetune,
+                                         screened=screened, judge=judge, preference_config=preference_config,
                                          eval_texts=eval_texts, pair_gate=pair_gate, round_params=round_params,
                                          s=s, ctx=ctx, rounds_origin=rounds_origin,
                                          build_preference_data=build_preference_data, log=log)
@@ -667,29 +707,32 @@ def run_iteration(
     analysis = convergence_analysis(records, selected, decision, s.regression_tolerance, s.convergence_epsilon)
     perf["total_seconds"] = time.perf_counter() - t_start
     return IterateResult(rounds=records, selected_round=selected, decision=decision, analysis=analysis,
-                         chains=chains, pairs=pairs_by_round, settings=s, perf=perf)
+                         chains=chains, pairs=pairs_by_round, settings=s, perf=perf,
+                         quarantined=screened_out + [row for k in sorted(quarantined_by_round)
+                                                     for row in quarantined_by_round[k]],
+                         n_screened_out=len(screened_out))
 
 
 def _run_round(k: int, start: int, end: int, rdir: Path, fp: str, chains: dict[int, list[Path]],
-               pairs_by_round: dict[int, list[dict]], previous: dict, *, sft_dir: Path, sft_hash: str, finetune: str,
-               round_items, judge, preference_config, eval_texts, pair_gate, round_params, s: IterateSettings,
+               pairs_by_round: dict[int, list[dict]], quarantined_by_round: dict[int, list[dict]], previous: dict, *,
+               sft_dir: Path, sft_hash: str, finetune: str, screened, judge, preference_config, eval_texts, pair_gate, round_params, s: IterateSettings,
                ctx: EvalContext, rounds_origin: str, build_preference_data, log) -> tuple[dict, dict]:
     timings: dict = {"round": k}
-    items = list(round_items[start:end])
+    lines, items = zip(*screened[start:end])
     reference_name = "sft" if s.reference == "initial" else f"round {k - 1} policy"
-    record: dict = {"round": k, "reference": reference_name, "prompts": [start + 1, end],
+    record: dict = {"round": k, "reference": reference_name, "prompts": [lines[0], lines[-1]],
                     "n_prompts": len(items), "pairs": None, "dpo": None}
     t0 = time.perf_counter()
     policy = training_policy(sft_dir, chains[k - 1], s.reference, k, s.seed, s.dtype)
     config = dataclasses.replace(preference_config, min_pairs=s.min_pairs,
                                  seed=preference_config.seed + ROUND_SEED_STRIDE * k)
-    result = build_preference_data(config, judge, model=policy.model, tokenizer=policy.tokenizer, items=items,
+    result = build_preference_data(config, judge, model=policy.model, tokenizer=policy.tokenizer, items=list(items),
                                    heldout_items=(), eval_texts=eval_texts, items_origin=rounds_origin,
-                                   item_locations=[f"{rounds_origin}:{start + i + 1}" for i in range(len(items))],
-                                   log=log)
+                                   item_locations=[f"{rounds_origin}:{line}" for line in lines], log=log)
     pair_metrics = result.metrics()
     pairs = list(result.pairs)
     pairs_by_round[k] = pairs
+    quarantined_by_round[k] = list(result.quarantined)
     record["pairs"] = _pair_summary(pair_metrics)
     timings["pairs_seconds"] = time.perf_counter() - t0
     failures = pair_gate(pair_metrics)
@@ -738,7 +781,7 @@ def _run_round(k: int, start: int, end: int, rdir: Path, fp: str, chains: dict[i
     record["failures"] = failures
     record.update(decide_round(previous, record, s.regression_tolerance, s.convergence_epsilon))
     record = _clean(record)
-    io.write_json(rdir / STATE_FILE, {"fingerprint": fp, "record": record})
+    io.write_json(rdir / STATE_FILE, {"fingerprint": fp, "record": record, "quarantined": quarantined_by_round[k]})
     del policy
     return record, timings
 

@@ -2,7 +2,7 @@
 judged, validated (Stage 2's checks), reference log-probs, a DPO pass (Stage 5's train_dpo, KL rule included);
 after each round KL / held-out gap / task accuracy / benchmarks against SFT, compared with the previous round:
 continue, roll back (and stop) or stop as converged. Writes models/selected (the best eligible round), the round
-pairs (data/rounds/), metrics/iterate.json, dvclive/iterate (step = round) and reports/iterate.md."""
+pairs and quarantine (data/rounds/), metrics/iterate.json, dvclive/iterate (step = round) and reports/iterate.md."""
 import logging
 import shutil
 from pathlib import Path
@@ -12,7 +12,7 @@ import mlx.core as mx
 from dvclive import Live
 
 from dpoflow import benchmarks, dpo, io, judges, models, tasks
-from dpoflow.data import read_pairs, write_pairs
+from dpoflow.data import read_pairs, write_pairs, write_quarantine
 from dpoflow.iterate import (EvalContext, IterateSettings, log_rounds, make_pair_gate, render_iterate_report,
                              run_iteration, save_selected)
 from dpoflow.params import load_params
@@ -84,6 +84,7 @@ def main(params_path: str) -> None:
         tmp.mkdir(parents=True)
         for k, pairs in sorted(result.pairs.items()):
             write_pairs(pairs, tmp / f"round_{k}.parquet")
+        write_quarantine(result.quarantined, tmp / "quarantine.jsonl")  # screened-out prompts, rejected pairs
     selected = result.selected
     save_selected(OUT, result.chains[result.selected_round], {
         "round": result.selected_round, "reference": selected.get("reference"),

@@ -14,7 +14,7 @@ from dpoflow.evaluate import (deploy_decision, export_final, export_human_sheet,
                               run_evaluation)
 from dpoflow.iterate import (EvalContext, IterateSettings, convergence_analysis, decide_round, load_selected,
                              make_pair_gate, overall_decision, render_iterate_report, round_min_pairs, round_slice,
-                             run_iteration, save_selected, select_round)
+                             run_iteration, save_selected, screen_prompts, select_round)
 from dpoflow.judges import Judge
 from dpoflow.params import CHIPS, DpoParams, parse_params
 from dpoflow.policy import build_policy, compute_ref_logps, save_policy
@@ -87,6 +87,16 @@ def test_overall_decision_and_analysis():
                                                                        reasons=["task_accuracy fell"])],
                                 0, "rolled_back", TOL, EPS)
     assert "r0 0.2 -> r1 0.3" in text and "rollback" in text and "Selected round 0" in text
+
+
+def test_screen_prompts_keeps_line_numbers_and_sets_aside_with_reason():
+    items = [item(i) for i in range(4)]
+    clean, out = screen_prompts(items, {"eval": ["What is 1 plus 2?"], "bench": ["what is 3 plus 4"]}, 8, SYSTEM,
+                                "rounds.jsonl")
+    assert [line for line, _ in clean] == [1, 3] and [it["id"] for _, it in clean] == ["q0", "q2"]
+    assert [(r["location"], r["reason"]) for r in out] == [("rounds.jsonl:2", "contaminated prompt: eval"),
+                                                          ("rounds.jsonl:4", "contaminated prompt: bench")]
+    assert screen_prompts(items, None, 8, SYSTEM, "x")[1] == []  # no eval texts: nothing screened
 
 
 def test_round_prompts_are_disjoint_and_min_pairs_documented_rule():
@@ -177,15 +187,22 @@ def test_end_to_end_iterate_then_evaluate(tmp_path, tiny_model_dir, reference):
     config = PreferenceConfig(samples_per_prompt=4, temperature=1.0, max_tokens=6, max_seq_len=MAX_LEN,
                               max_extra_passes=0, min_gap=0.1, min_pairs=1, seed=0, system_prompt=SYSTEM,
                               generation_batch_size=16)
-    kwargs = dict(sft_dir=sft_dir, dpo_dir=dpo_dir, round_items=[item(i) for i in range(8)], judge=ParityJudge(),
+    # item(2) asks an evaluation question: screened out before sampling, the rounds take the 8 others
+    kwargs = dict(sft_dir=sft_dir, dpo_dir=dpo_dir, round_items=[item(i) for i in range(9)], judge=ParityJudge(),
                   preference_config=config,
-                  eval_texts={"eval": ["What is the capital of the planet Mars in the year 2889?"]},
+                  eval_texts={"eval": ["What is the capital of the planet Mars in the year 2889?",
+                                       "what is 2 plus 3?"]},
                   pair_gate=lambda m: [] if m["n_pairs"] >= 1 else ["no pairs"], dpo_params=dpo_params(),
                   settings=settings, ctx=ctx, work_dir=tmp_path / "work", fingerprint="fp")
     result = run_iteration(**kwargs)
 
     rounds = result.rounds
     assert [r["round"] for r in rounds][:1] == [0] and rounds[0]["decision"] == "baseline"
+    assert result.n_screened_out == 1 and result.metrics()["n_prompts_screened_out"] == 1
+    screened = result.quarantined[0]
+    assert screened["location"] == "data/tasks/rounds.jsonl:3" and screened["row"]["id"] == "q2"
+    assert screened["reason"] == "contaminated prompt: eval" and screened["field"] == "prompt[1].content"
+    assert rounds[1]["prompts"] == [1, 5]  # line numbers in rounds.jsonl: 1, 2, 4, 5
     assert 2 <= len(rounds) <= 3
     for r in rounds[1:]:
         assert r["n_prompts"] == 4 and r["pairs"]["n_pairs"] >= 1 and r["decision"] in ("continue", "rollback",
