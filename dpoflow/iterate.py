@@ -11,7 +11,8 @@ Round 0 is the Stage 5 policy (`models/dpo`). Round k = 1 .. iterate.rounds:
     ref     = iterate.reference: initial  -> the SFT model (LoRA disabled)
                                  previous -> policy_{k-1} (its adapters fused into the weights, fresh LoRA on top)
     ref_logps of the round's pairs under `ref`; then dpo.train_dpo (KL rule included: the KL there is against the
-    round's reference) for iterate.max_steps steps, starting from policy_{k-1}.
+    round's reference) for iterate.max_steps steps (capped at iterate.max_epochs passes over the round's pairs),
+    starting from policy_{k-1}.
 
 After every round (and for round 0) the SAME measurements, always against the SFT model so rounds compare:
 KL(policy || SFT) (policy.measure_kl, Stage 3's prompts and seed), the held-out preference gap on
@@ -238,6 +239,7 @@ class IterateSettings:
     prompts_per_round: int = 400
     reference: str = "initial"
     max_steps: int = 60
+    max_epochs: Optional[float] = None
     regression_tolerance: float = 0.02
     convergence_epsilon: float = 0.005
     min_pairs: int = 100
@@ -261,15 +263,23 @@ class IterateSettings:
         min_pairs = round_min_pairs(getattr(it, "min_pairs", None), p.preference.min_pairs, it.prompts_per_round,
                                     sizes.get("pref_prompts"))
         return cls(rounds=it.rounds, prompts_per_round=it.prompts_per_round, reference=it.reference,
-                   max_steps=it.max_steps, regression_tolerance=it.regression_tolerance,
+                   max_steps=it.max_steps, max_epochs=getattr(it, "max_epochs", None),
+                   regression_tolerance=it.regression_tolerance,
                    convergence_epsilon=it.convergence_epsilon, min_pairs=min_pairs, seed=p.seed,
                    batch_size=batch_size, max_len=p.preference.max_seq_len,
                    system_prompt=p.data.system_prompt or None, kl_samples=p.init.kl_samples,
                    kl_max_tokens=p.init.kl_max_tokens, dtype=p.model.dtype)
 
 
+def round_steps(max_steps: int, max_epochs: Optional[float], n_pairs: int, batch_size: int) -> int:
+    """A round's DPO steps: iterate.max_steps, capped at iterate.max_epochs passes over its pairs (at least 1)."""
+    if max_epochs is None:
+        return max_steps
+    return max(1, min(max_steps, math.ceil(max_epochs * n_pairs / batch_size)))
+
+
 def round_dpo_params(dpo_params: Any, max_steps: int) -> Any:
-    """Stage 5's DPO params for one round: iterate.max_steps steps, warmup capped at half of them."""
+    """Stage 5's DPO params for one round: `max_steps` steps, warmup capped at half of them."""
     return dataclasses.replace(dpo_params, max_steps=max_steps,
                                warmup_steps=min(dpo_params.warmup_steps, max_steps // 2))
 
@@ -628,7 +638,7 @@ def run_iteration(
     judge: a dpoflow.judges.Judge that scores (verifier / reward_model). preference_config: Stage 2's
     PreferenceConfig (its min_pairs is replaced by settings.min_pairs, its seed by seed + round * 1000).
     pair_gate: metrics -> failures (`make_pair_gate`). dpo_params: params.DpoParams (max_steps replaced by
-    settings.max_steps). work_dir holds each round's state (round.json, pairs, snapshot, DPO checkpoints): a
+    `round_steps(settings.max_steps, settings.max_epochs, ...)`). work_dir holds each round's state (round.json, pairs, snapshot, DPO checkpoints): a
     killed run resumes at the first round not finished, as long as `fingerprint` matches.
     """
     from dpoflow.preference import build_preference_data
@@ -642,7 +652,6 @@ def run_iteration(
     ctx.work_dir = ctx.work_dir or work_dir
     sft_hash = models.model_hash(sft_dir)
     finetune = finetune_of(dpo_dir)
-    round_params = round_dpo_params(dpo_params, s.max_steps)
     records: list[dict] = []
     chains: dict[int, list[Path]] = {0: [dpo_dir]}
     pairs_by_round: dict[int, list[dict]] = {}
@@ -693,7 +702,7 @@ def run_iteration(
             record, timings = _run_round(k, start, end, rdir, fp, chains, pairs_by_round, quarantined_by_round,
                                          records[-1], sft_dir=sft_dir, sft_hash=sft_hash, finetune=finetune,
                                          screened=screened, judge=judge, preference_config=preference_config,
-                                         eval_texts=eval_texts, pair_gate=pair_gate, round_params=round_params,
+                                         eval_texts=eval_texts, pair_gate=pair_gate, dpo_params=dpo_params,
                                          s=s, ctx=ctx, rounds_origin=rounds_origin,
                                          build_preference_data=build_preference_data, log=log)
             perf["rounds"].append(timings)
@@ -715,7 +724,7 @@ def run_iteration(
 
 def _run_round(k: int, start: int, end: int, rdir: Path, fp: str, chains: dict[int, list[Path]],
                pairs_by_round: dict[int, list[dict]], quarantined_by_round: dict[int, list[dict]], previous: dict, *,
-               sft_dir: Path, sft_hash: str, finetune: str, screened, judge, preference_config, eval_texts, pair_gate, round_params, s: IterateSettings,
+               sft_dir: Path, sft_hash: str, finetune: str, screened, judge, preference_config, eval_texts, pair_gate, dpo_params, s: IterateSettings,
                ctx: EvalContext, rounds_origin: str, build_preference_data, log) -> tuple[dict, dict]:
     timings: dict = {"round": k}
     lines, items = zip(*screened[start:end])
@@ -740,6 +749,7 @@ def _run_round(k: int, start: int, end: int, rdir: Path, fp: str, chains: dict[i
     write_pairs(pairs, rdir / "pairs.parquet")
 
     if not failures:
+        round_params = round_dpo_params(dpo_params, round_steps(s.max_steps, s.max_epochs, len(pairs), s.batch_size))
         t1 = time.perf_counter()
         with policy.as_reference() as ref:
             train_logps = compute_ref_logps(ref, policy.tokenizer, pairs, s.max_len, s.batch_size,

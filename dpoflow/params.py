@@ -157,6 +157,9 @@ class IterateParams:
     prompts_per_round: int = _spec(400, low=1)
     reference: str = _spec("initial", choices=("initial", "previous"))
     max_steps: int = _spec(60, low=1)
+    # Cap on a round's steps in passes over its pairs (steps = min(max_steps, ceil(max_epochs * pairs / batch)));
+    # null = max_steps always. A round has ~100 pairs, so 60 steps is ~6 epochs.
+    max_epochs: Optional[float] = _spec(None, low=0, low_open=True)
     regression_tolerance: float = _spec(0.02, low=0)
     convergence_epsilon: float = _spec(0.005, low=0)
     # Valid pairs a round needs (Stage 2's gate, per round); null = preference.min_pairs scaled by prompt share.

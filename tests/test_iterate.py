@@ -14,7 +14,7 @@ from dpoflow.evaluate import (deploy_decision, export_final, export_human_sheet,
                               run_evaluation)
 from dpoflow.iterate import (EvalContext, IterateSettings, convergence_analysis, decide_round, load_selected,
                              make_pair_gate, overall_decision, render_iterate_report, round_min_pairs, round_slice,
-                             run_iteration, save_selected, screen_prompts, select_round)
+                             round_steps, run_iteration, save_selected, screen_prompts, select_round)
 from dpoflow.judges import Judge
 from dpoflow.params import CHIPS, DpoParams, parse_params
 from dpoflow.policy import build_policy, compute_ref_logps, save_policy
@@ -97,6 +97,17 @@ def test_screen_prompts_keeps_line_numbers_and_sets_aside_with_reason():
     assert [(r["location"], r["reason"]) for r in out] == [("rounds.jsonl:2", "contaminated prompt: eval"),
                                                           ("rounds.jsonl:4", "contaminated prompt: bench")]
     assert screen_prompts(items, None, 8, SYSTEM, "x")[1] == []  # no eval texts: nothing screened
+
+
+def test_round_steps_cap_passes_over_the_pairs():
+    assert round_steps(60, None, 82, 8) == 60         # no cap: iterate.max_steps
+    assert round_steps(60, 2.0, 82, 8) == 21          # ceil(2 * 82 / 8)
+    assert round_steps(10, 2.0, 82, 8) == 10          # max_steps still bounds it
+    assert round_steps(60, 0.01, 3, 8) == 1           # at least one step
+    p = parse_params({"batch_size": {c: 4 for c in CHIPS}, "iterate": {"max_epochs": 1.5}})
+    assert IterateSettings.from_params(p, 8).max_epochs == 1.5
+    with pytest.raises(ValueError, match="max_epochs"):
+        parse_params({"batch_size": {c: 4 for c in CHIPS}, "iterate": {"max_epochs": 0}})
 
 
 def test_round_prompts_are_disjoint_and_min_pairs_documented_rule():
