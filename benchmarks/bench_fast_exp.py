@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,12 +25,12 @@ import mlx_lm.models.llama as llama  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 import common  # noqa: E402
+from bench_generation import best_ms  # noqa: E402  (best of 5; CPU ms at 1 thread)
 from dpoflow.models import load_model  # noqa: E402
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 POLY = [LN2 ** k / math.factorial(k) for k in range(7)]  # 2^f = e^(f ln 2), Taylor
-CLOCK = time.process_time if common.threads() == 1 else time.perf_counter
 
 
 @mx.compile
@@ -71,16 +70,6 @@ def inverse_cdf_sample(logits: mx.array, u: mx.array) -> mx.array:
     e = fast_exp(logits - logits.max(-1, keepdims=True))
     cdf = mx.cumsum(e, axis=-1)
     return (cdf < u * cdf[:, -1:]).sum(-1)
-
-
-def best_ms(f, n: int = 5) -> float:
-    f()
-    out = float("inf")
-    for _ in range(n):
-        t = CLOCK()
-        f()
-        out = min(out, CLOCK() - t)
-    return out * 1000
 
 
 def decode_step(model, batch: int, context: int):
