@@ -8,7 +8,8 @@ MLX's CPU `exp` costs ~35 ns per float32 element here (numpy's: ~0.35). A polyno
   attention the decode step's softmax (q k^T, max-shift, fast exp, normalize, @ v; GQA by reshape)
   sampler   inverse-CDF sampling on fast-exp weights (B uniforms) instead of mx.random.categorical (B x V Gumbels)
 Each is timed as a whole decode step of the SFT model (models/sft, float32) at `--batch` sequences with `--context`
-cached tokens, best of 5 (BENCH_THREADS=1: CPU ms), logits checked against the stock step. Writes results/fast_exp[_t1].json.
+cached tokens, best of 5 (BENCH_THREADS=1: CPU ms), logits checked against the stock step.
+Writes results/fast_exp[_t1].json.
 """
 from __future__ import annotations
 
@@ -126,9 +127,9 @@ def main() -> None:
     print(f"sampler: categorical {sampler['categorical_ms']:.1f} ms, inverse CDF on fast exp "
           f"{sampler['inverse_cdf_fast_exp_ms']:.1f} ms")
     print(f"exp of {x.size} floats: mx.exp {elementwise['mx_exp_ms']:.2f} ms, fast {elementwise['fast_exp_ms']:.2f} ms")
-    path = common.write_result("fast_exp" + common.suffix(), {"batch": args.batch, "context": args.context, "steps": rows,
-                                            "sampler": sampler, "exp": elementwise,
-                                            "threads": common.threads()})
+    result = {"batch": args.batch, "context": args.context, "threads": common.threads(), "steps": rows,
+              "sampler": sampler, "exp": elementwise}
+    path = common.write_result("fast_exp" + common.suffix(), result)
     print(f"-> {path}")
 
 

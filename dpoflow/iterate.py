@@ -51,9 +51,9 @@ from dpoflow import io, models
 from dpoflow.batching import encode_pair
 from dpoflow.data import read_pairs, write_pairs
 from dpoflow.dpo import heldout_metrics, train_dpo
-from dpoflow.tasks import item_prompt
 from dpoflow.policy import (POLICY_CONFIG, base_parameters, compute_ref_logps, load_policy, measure_kl, pad_id_of)
 from dpoflow.sft import greedy_accuracy
+from dpoflow.tasks import item_prompt
 from dpoflow.trainer import TrainingDiverged
 from dpoflow.training_metrics import _EvalIndex
 
@@ -638,8 +638,9 @@ def run_iteration(
     judge: a dpoflow.judges.Judge that scores (verifier / reward_model). preference_config: Stage 2's
     PreferenceConfig (its min_pairs is replaced by settings.min_pairs, its seed by seed + round * 1000).
     pair_gate: metrics -> failures (`make_pair_gate`). dpo_params: params.DpoParams (max_steps replaced by
-    `round_steps(settings.max_steps, settings.max_epochs, ...)`). work_dir holds each round's state (round.json, pairs, snapshot, DPO checkpoints): a
-    killed run resumes at the first round not finished, as long as `fingerprint` matches.
+    `round_steps(settings.max_steps, settings.max_epochs, ...)`). work_dir holds each round's state (round.json,
+    pairs, quarantine rows, snapshot, DPO checkpoints): a killed run resumes at the first round not finished, as long
+    as `fingerprint` matches.
     """
     from dpoflow.preference import build_preference_data
 
@@ -724,8 +725,9 @@ def run_iteration(
 
 def _run_round(k: int, start: int, end: int, rdir: Path, fp: str, chains: dict[int, list[Path]],
                pairs_by_round: dict[int, list[dict]], quarantined_by_round: dict[int, list[dict]], previous: dict, *,
-               sft_dir: Path, sft_hash: str, finetune: str, screened, judge, preference_config, eval_texts, pair_gate, dpo_params, s: IterateSettings,
-               ctx: EvalContext, rounds_origin: str, build_preference_data, log) -> tuple[dict, dict]:
+               sft_dir: Path, sft_hash: str, finetune: str, screened, judge, preference_config, eval_texts, pair_gate,
+               dpo_params, s: IterateSettings, ctx: EvalContext, rounds_origin: str, build_preference_data,
+               log) -> tuple[dict, dict]:
     timings: dict = {"round": k}
     lines, items = zip(*screened[start:end])
     reference_name = "sft" if s.reference == "initial" else f"round {k - 1} policy"
