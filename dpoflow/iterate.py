@@ -263,7 +263,7 @@ class IterateSettings:
         min_pairs = round_min_pairs(getattr(it, "min_pairs", None), p.preference.min_pairs, it.prompts_per_round,
                                     sizes.get("pref_prompts"))
         return cls(rounds=it.rounds, prompts_per_round=it.prompts_per_round, reference=it.reference,
-                   max_steps=it.max_steps, max_epochs=getattr(it, "max_epochs", None),
+                   max_steps=it.max_steps, max_epochs=it.max_epochs,
                    regression_tolerance=it.regression_tolerance,
                    convergence_epsilon=it.convergence_epsilon, min_pairs=min_pairs, seed=p.seed,
                    batch_size=batch_size, max_len=p.preference.max_seq_len,
