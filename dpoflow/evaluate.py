@@ -36,7 +36,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from dpoflow import io
-from dpoflow.training_metrics import DEFAULT_NGRAM, MIN_CONTAINED_TOKENS, ngram_set, normalize_text
+from dpoflow.training_metrics import DEFAULT_NGRAM, EvalIndex
 
 SHEET_COLUMNS = ("row", "prompt", "response_a", "response_b", "preference", "comment")
 KEY_FORMAT = "dpoflow-human-eval-key-v1"
@@ -248,55 +248,12 @@ def import_human_ratings(sheet_csv: str | Path, key_json: str | Path, *, bootstr
 # Contamination audit
 
 
-class _Index:
-    """Eval texts hashed with training_metrics.ngram_set, with the same matching rules as Stage 2's decontamination:
-    an eval text of >= n tokens matches a pair text sharing one of its word n-grams; a shorter one of
-    k >= MIN_CONTAINED_TOKENS tokens matches when its k tokens occur in the pair text; a shorter one still
-    only when it equals a whole pair text."""
-
-    def __init__(self, eval_texts: Mapping[str, Sequence[str]], n: int):
-        self.n = n
-        self.sets = {}
-        for name, texts in eval_texts.items():
-            long, short, exact = set(), {}, set()
-            for text in texts:
-                k = len(normalize_text(text).split())
-                if k >= n:
-                    long |= ngram_set(text, n)
-                elif k >= MIN_CONTAINED_TOKENS:
-                    short.setdefault(k, set()).update(ngram_set(text, k))
-                elif k:
-                    exact |= ngram_set(text, n)
-            self.sets[name] = (long, short, exact)
-
-    def hits(self, text: str) -> list[str]:
-        tokens = normalize_text(text).split()
-        if not tokens:
-            return []
-        grams = ngram_set(text, self.n)
-        whole = ngram_set(text, len(tokens))
-        windows: dict[int, set[int]] = {}
-        out = []
-        for name, (long, short, exact) in self.sets.items():
-            hit = bool(long) and len(tokens) >= self.n and not grams.isdisjoint(long)
-            for k, hashes in short.items():
-                if hit:
-                    break
-                if k <= len(tokens):
-                    window = windows.setdefault(k, ngram_set(text, k))
-                    hit = not window.isdisjoint(hashes)
-            if not hit and exact:
-                hit = not whole.isdisjoint(exact)
-            if hit:
-                out.append(name)
-        return out
-
-
 def find_contaminated_pairs(pair_sets: Mapping[str, Sequence[Mapping[str, Any]]],
                             eval_texts: Mapping[str, Sequence[str]], ngram: int = DEFAULT_NGRAM) -> list[dict]:
-    """Training pairs (by file) whose prompt, chosen or rejected text overlaps an evaluation text.
+    """Training pairs (by file) whose prompt, chosen or rejected text overlaps an evaluation text (Stage 2's
+    decontamination test, training_metrics.EvalIndex).
     One dict per contaminated pair: {"file", "row", "id", "field", "eval_sets"}."""
-    index = _Index(eval_texts, ngram)
+    index = EvalIndex(eval_texts, ngram)
     found = []
     for file, pairs in pair_sets.items():
         for row, pair in enumerate(pairs, start=1):

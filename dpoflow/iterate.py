@@ -55,7 +55,7 @@ from dpoflow.policy import (POLICY_CONFIG, base_parameters, compute_ref_logps, l
 from dpoflow.sft import greedy_accuracy
 from dpoflow.tasks import item_prompt
 from dpoflow.trainer import TrainingDiverged
-from dpoflow.training_metrics import _EvalIndex
+from dpoflow.training_metrics import EvalIndex
 
 REFERENCES = ("initial", "previous")
 # Metrics compared between rounds; a drop of any of them by more than iterate.regression_tolerance is a regression.
@@ -182,7 +182,7 @@ def screen_prompts(items: Sequence[Mapping[str, Any]], eval_texts: Optional[Mapp
     lines = list(enumerate(items, 1))
     if not eval_texts:
         return lines, []
-    index = _EvalIndex(dict(eval_texts), ngram)
+    index = EvalIndex(dict(eval_texts), ngram)
     clean, quarantined = [], []
     for line, item in lines:
         prompt = item_prompt(item, system_prompt)

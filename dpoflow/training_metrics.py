@@ -84,7 +84,7 @@ def _hash(gram: str) -> int:
                           "little")
 
 
-class _EvalIndex:
+class EvalIndex:
     """Hashed n-grams of every eval set, plus the short eval texts matched whole.
 
     An eval text of at least n tokens contaminates a pair text sharing any of its n-grams; a shorter one
@@ -134,6 +134,10 @@ class _EvalIndex:
                     hits[eval_set] = field_name
                     break
         return hits
+
+    def hits(self, text: str) -> list[str]:
+        """The eval sets that `text` overlaps."""
+        return list(self.matches([("", text)]))
 
 
 def _windows(tokens: list[str], k: int) -> set[int]:
@@ -267,7 +271,7 @@ def validate_dpo_pairs(
     contaminated: list[dict] = []
     clean = unique
     if eval_texts:
-        index = _EvalIndex(eval_texts, ngram)
+        index = EvalIndex(eval_texts, ngram)
         clean = []
         for item in unique:
             texts = [(f"prompt[{i}].content", m["content"]) for i, m in enumerate(item.pair["prompt"])]
