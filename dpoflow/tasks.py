@@ -53,7 +53,7 @@ from dpoflow.lm_eval_tasks.task_utils import extract_answer, is_numeric_answer
 
 SPLITS: tuple[str, ...] = ("eval", "heldout", "sft_val", "pref_prompts", "rounds", "sft_train")
 
-DEFAULT_SIZES: dict[str, int] = {  # the same as params.yaml's data.sizes
+DEFAULT_SIZES: dict[str, int] = {  # when no sizes are given; the pipeline passes params.yaml's data.sizes
     "eval": 200,          # Stage 7 win-rate prompts (and the lm-eval task-generation benchmark)
     "heldout": 100,       # held-out pairs / KL prompts (and the lm-eval arithmetic multiple choice)
     "sft_val": 100,
