@@ -16,12 +16,24 @@ outside; its positions for RoPE are col - start_i). A finished sequence's row is
 sequence's prompt keys/values (written right-aligned at `col`): no per-finish gather or per-join concatenation of
 every layer's cache (what mlx-lm's BatchGenerator does, which costs several decode steps each time).
 
-Greedy output equals mlx-lm's batch generation (tests/test_generation.py); sampling is deterministic for a seed.
+Fast exp (on by default on the CPU device). MLX's CPU `exp` is a scalar loop (~35 ns per float here, numpy's ~0.35),
+so the SwiGLU sigmoid and the attention softmax are about half of a 2-thread decode step (benchmarks/RESULTS.md,
+"Decode step op by op"). While `generate` runs, the model's own module gets a polynomial exp (max relative error
+~8e-6) in its `swiglu` and in the decode step's attention, and temperature sampling draws by inverse CDF on
+fast-exp weights (one uniform per row instead of mlx's V Gumbels). Logits move by ~1e-4; samples are those of the
+same distribution but not bit-identical to mlx-lm's, so `fast_exp=False` keeps the stock ops (Metal and CUDA have a
+hardware exp and keep them by default).
+
+Greedy output equals mlx-lm's batch generation with `fast_exp=False` (tests/test_generation.py); sampling is
+deterministic for a seed.
 """
 from __future__ import annotations
 
+import math
+import sys
 import time
 from collections import deque
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -35,6 +47,79 @@ from tqdm import tqdm
 from dpoflow.batching import encode_prompt
 
 PREFILL_BATCH = 32  # distinct prompts prefilled together
+
+_LOG2E = 1.4426950408889634
+_EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7)]  # 2^f = e^(f ln 2) for f in [0, 1)
+
+
+@mx.compile
+def poly_exp(x: mx.array) -> mx.array:
+    """exp(x) = 2^n * 2^f: n from the float exponent bits, 2^f by a degree-6 polynomial (relative error < 1e-5;
+    inputs below -87 give ~1e-38 instead of 0). No gradient: sampling only."""
+    t = mx.clip(x * _LOG2E, -126.0, 126.0)
+    n = mx.floor(t)
+    f = t - n
+    p = _EXP2_TAYLOR[6]
+    for c in _EXP2_TAYLOR[5::-1]:
+        p = p * f + c
+    return (p * ((n.astype(mx.int32) + 127) << 23).view(mx.float32)).astype(x.dtype)
+
+
+@mx.compile
+def _fast_swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    return gate / (1 + poly_exp(-gate)) * x
+
+
+def _fast_decode_attention(stock):
+    """mlx-lm's `scaled_dot_product_attention` with the softmax on poly_exp for one-token queries (decode steps);
+    prefill, string masks and attention sinks go to `stock`."""
+
+    def attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if sinks is not None or isinstance(mask, str) or queries.shape[2] != 1 or hasattr(cache, "bits"):
+            return stock(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+        B, H, _, D = queries.shape
+        kv_heads = keys.shape[1]  # grouped-query attention by reshape: H // kv_heads queries per key head
+        scores = (queries * scale).reshape(B, kv_heads, H // kv_heads, D) @ keys.swapaxes(-1, -2)
+        if mask is not None:
+            scores = mx.where(mask, scores, -1e30) if mask.dtype == mx.bool_ else scores + mask
+        weights = poly_exp(scores - scores.max(-1, keepdims=True))
+        out = (weights / weights.sum(-1, keepdims=True)) @ values
+        return out.reshape(B, H, 1, D).astype(queries.dtype)
+
+    return attention
+
+
+@mx.compile
+def _inverse_cdf(logits: mx.array, u: mx.array) -> mx.array:
+    weights = poly_exp(logits - logits.max(-1, keepdims=True))
+    cdf = mx.cumsum(weights, axis=-1)
+    return (cdf < u * cdf[:, -1:]).sum(-1)
+
+
+def fast_categorical_sampler(temperature: float):
+    """Draws token i with probability softmax(logits / temperature)_i: one uniform per row against the fast-exp CDF."""
+    inv_temp = 1.0 / temperature
+    return lambda logits: _inverse_cdf(logits * inv_temp, mx.random.uniform(shape=(logits.shape[0], 1)))
+
+
+@contextmanager
+def fast_exp_ops(model: Any):
+    """While inside: the modules that define the model's layers use `_fast_swiglu` and the fast decode attention
+    (module globals, as mlx-lm's models call them); restored on exit."""
+    modules = {sys.modules[type(m).__module__] for _, m in model.named_modules()}
+    saved = []
+    for module in modules:
+        for name, make in (("swiglu", lambda stock: _fast_swiglu),
+                           ("scaled_dot_product_attention", _fast_decode_attention)):
+            stock = getattr(module, name, None)
+            if callable(stock):
+                saved.append((module, name, stock))
+                setattr(module, name, make(stock))
+    try:
+        yield
+    finally:
+        for module, name, stock in saved:
+            setattr(module, name, stock)
 
 
 @dataclass
@@ -209,8 +294,19 @@ def generate(
     seed: int = 0,
     batch_size: int = 64,
     desc: str = "generate",
+    fast_exp: Optional[bool] = None,
 ) -> Generations:
-    """Sample `n_samples` responses per prompt (greedy when temperature == 0); see the module docstring."""
+    """Sample `n_samples` responses per prompt (greedy when temperature == 0); see the module docstring.
+    fast_exp: None = on when MLX's default device is the CPU."""
+    if fast_exp is None:
+        fast_exp = mx.default_device().type == mx.cpu
+    with fast_exp_ops(model) if fast_exp else nullcontext():
+        return _generate(model, tokenizer, prompts, n_samples, temperature, top_p, max_tokens, seed, batch_size,
+                         desc, fast_exp)
+
+
+def _generate(model, tokenizer, prompts, n_samples, temperature, top_p, max_tokens, seed, batch_size, desc,
+              fast_exp) -> Generations:
     mx.random.seed(seed)
     encoded = [encode_prompt(tokenizer, messages) for messages in prompts]
     n_seq = len(encoded) * n_samples
@@ -223,6 +319,8 @@ def generate(
     if not SharedPrefill.supported(model):  # e.g. sliding-window or recurrent caches: mlx-lm's own batching
         return _generate_mlx_lm(model, tokenizer, encoded, n_samples, sampler, max_tokens, batch_size, desc)
     normalize = 0 < top_p < 1  # top-p reads probabilities; argmax and categorical are shift-invariant
+    if fast_exp and temperature > 0 and not normalize:
+        sampler = fast_categorical_sampler(temperature)
     eos = set(int(t) for t in tokenizer.eos_token_ids)
     prefill = SharedPrefill(model, list(dict.fromkeys(tuple(p) for p in encoded)))
 
