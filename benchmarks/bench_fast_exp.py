@@ -1,9 +1,9 @@
-"""What a faster `exp` would buy a decode step (issue 9's generation target), measured, not wired in.
+"""What dpoflow.generation's fast exp (on by default on the CPU device) buys a decode step, against mlx-lm's ops.
 
     python benchmarks/bench_fast_exp.py [--batch 64] [--context 53]     # ~1 min; 1 thread: CPU ms
 
-MLX's CPU `exp` costs ~35 ns per float32 element here (numpy's: ~0.35). A polynomial exp (2^n by exponent bits,
-2^f by a degree-6 polynomial; max relative error ~8e-6) compiled with mx.compile replaces it in:
+MLX's CPU `exp` costs ~35 ns per float32 element here (numpy's: ~0.35). dpoflow.generation.poly_exp (2^n by
+exponent bits, 2^f by a degree-6 polynomial; max relative error ~8e-6), compiled with mx.compile, replaces it in:
   swiglu    mlx-lm's `silu(gate) * up` in every MLP
   attention the decode step's softmax (q k^T, max-shift, fast exp, normalize, @ v; GQA by reshape)
   sampler   inverse-CDF sampling on fast-exp weights (B uniforms) instead of mx.random.categorical (B x V Gumbels)
@@ -14,7 +14,6 @@ Writes results/fast_exp[_t1].json.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -27,50 +26,13 @@ from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 import common  # noqa: E402
 from bench_generation import best_ms  # noqa: E402  (best of 5; CPU ms at 1 thread)
+from dpoflow import generation  # noqa: E402
 from dpoflow.models import load_model  # noqa: E402
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-POLY = [LN2 ** k / math.factorial(k) for k in range(7)]  # 2^f = e^(f ln 2), Taylor
-
-
-@mx.compile
-def fast_exp(x: mx.array) -> mx.array:
-    t = mx.clip(x * LOG2E, -126.0, 126.0)
-    n = mx.floor(t)
-    f = t - n
-    p = POLY[6]
-    for c in POLY[5::-1]:
-        p = p * f + c
-    return p * ((n.astype(mx.int32) + 127) << 23).view(mx.float32)
-
-
-@mx.compile
-def fast_swiglu(gate: mx.array, x: mx.array) -> mx.array:
-    return gate / (1 + fast_exp(-gate)) * x
-
 
 STOCK_SDPA = llama.scaled_dot_product_attention
 STOCK_SWIGLU = llama.swiglu
-
-
-def fast_sdpa(q, k, v, cache, scale, mask, sinks=None):
-    if isinstance(mask, str) or q.shape[2] != 1:  # prefill: the stock kernel
-        return STOCK_SDPA(q, k, v, cache=cache, scale=scale, mask=mask)
-    B, H, _, D = q.shape
-    kv = k.shape[1]
-    s = (q * scale).reshape(B, kv, H // kv, D) @ k.swapaxes(-1, -2)
-    if mask is not None:
-        s = mx.where(mask, s, -1e30) if mask.dtype == mx.bool_ else s + mask
-    e = fast_exp(s - s.max(-1, keepdims=True))
-    return ((e / e.sum(-1, keepdims=True)) @ v).reshape(B, H, 1, D)
-
-
-@mx.compile
-def inverse_cdf_sample(logits: mx.array, u: mx.array) -> mx.array:
-    e = fast_exp(logits - logits.max(-1, keepdims=True))
-    cdf = mx.cumsum(e, axis=-1)
-    return (cdf < u * cdf[:, -1:]).sum(-1)
+fast_swiglu = generation._fast_swiglu
+fast_sdpa = generation._fast_decode_attention(STOCK_SDPA)
 
 
 def decode_step(model, batch: int, context: int):
@@ -113,13 +75,12 @@ def main() -> None:
     scaled = ref / args.temperature
     sampler = {
         "categorical_ms": best_ms(lambda: mx.eval(mx.random.categorical(scaled))),
-        "inverse_cdf_fast_exp_ms": best_ms(lambda: mx.eval(inverse_cdf_sample(
-            scaled, mx.random.uniform(shape=(scaled.shape[0], 1))))),
+        "inverse_cdf_fast_exp_ms": best_ms(lambda: mx.eval(generation.fast_categorical_sampler(1.0)(scaled))),
     }
     x = mx.random.normal((args.batch, 1536)) * 4
     elementwise = {"mx_exp_ms": best_ms(lambda: mx.eval(mx.exp(x))),
-                   "fast_exp_ms": best_ms(lambda: mx.eval(fast_exp(x))),
-                   "max_rel_error": float((mx.abs(fast_exp(x) - mx.exp(x)) / mx.exp(x)).max()),
+                   "fast_exp_ms": best_ms(lambda: mx.eval(generation.poly_exp(x))),
+                   "max_rel_error": float((mx.abs(generation.poly_exp(x) - mx.exp(x)) / mx.exp(x)).max()),
                    "elements": x.size}
     for name, row in rows.items():
         print(f"{name:26s} {row['step_ms']:7.1f} ms/step  -> {row['tokens_per_s_bound']:5.0f} tok/s bound  "

@@ -3,8 +3,9 @@
     python benchmarks/bench_generation.py [--prompts 64] [--samples 4] [--max-tokens 16] [--temperature 0.9]
 
 Stage 2's real prompts (data/tasks/pref_prompts.jsonl, params.yaml's system prompt), K samples each, batch 64:
-  dpoflow (shared prefill + fixed decode slots)  vs  mlx-lm's batch_generate with K copies of each prompt (what
-  dpoflow ran before: every copy prefilled, BatchGenerator's continuous batching)  vs  one prompt at a time
+  dpoflow (shared prefill + fixed decode slots, fast exp: the CPU default)  vs  the same with mlx-lm's exp ops
+  (fast_exp=False)  vs  mlx-lm's batch_generate with K copies of each prompt (what dpoflow ran before: every copy
+  prefilled, BatchGenerator's continuous batching)  vs  one prompt at a time
 plus where a decode step's time goes (model body, LM head, normalization + sampler, the rest = Python/bookkeeping).
 """
 from __future__ import annotations
@@ -103,7 +104,9 @@ def main() -> None:
     cpu_mark[0] = time.process_time()
     batches = [int(b) for b in args.batch_sizes.split(",")]
     for b in batches:
-        record("dpoflow (shared prefill, decode slots)", generate(model, tok, prompts, batch_size=b, **kw), b)
+        record("dpoflow (shared prefill, decode slots, fast exp)", generate(model, tok, prompts, batch_size=b, **kw), b)
+    record("dpoflow, mlx-lm's exp (fast_exp=False)",
+           generate(model, tok, prompts, batch_size=batches[0], fast_exp=False, **kw), batches[0])
 
     class _G:  # a Generations-like record
         def __init__(self, token_ids, seconds, prompt_tokens, prefill_seconds):

@@ -6,7 +6,7 @@
 Times the ops of one transformer block of the real model (mlx-lm's llama modules, float32) at `--batch` sequences
 decoding one token with `--context` cached tokens, each op evaluated on its own (best of 5 of 20 repeats), then
 the whole block evaluated as one graph and the whole body (all blocks); swiglu and attention also with
-bench_fast_exp's polynomial exp (not in the sums). Sum of ops x blocks vs the measured body
+dpoflow.generation's polynomial exp (not in the sums). Sum of ops x blocks vs the measured body
 shows what evaluating op by op adds; GEMM rows give their achieved GFLOP/s. Writes results/profile_decode_b<batch>[_t1].json.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def profile_block(model, batch: int, context: int) -> dict:
         "down_proj + residual add": (lambda: mx.eval(mlp.down_proj(h_mlp) + x), flops(M, I, D)),
         "empty eval (dispatch floor)": (lambda: mx.eval(x + 0), 0),
     }
-    alternatives = {  # not in the sum: the same op with bench_fast_exp's polynomial exp
+    alternatives = {  # not in the sum: the same op with dpoflow.generation's polynomial exp
         "swiglu, polynomial exp": lambda: mx.eval(fast_swiglu(h_mlp, h_mlp)),
         "attention, polynomial exp": lambda: mx.eval(fast_sdpa(q, keys, values, c, attn.scale, None)),
     }

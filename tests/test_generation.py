@@ -1,15 +1,17 @@
 """dpoflow.generation: shared prefill (one prompt forward for K samples, one forward for the common prefix) and
-fixed decode slots give mlx-lm's batch-generation output, deterministically, on a tiny random model."""
+fixed decode slots give mlx-lm's batch-generation output, deterministically, on a tiny random model; the CPU's fast
+exp (polynomial exp in SwiGLU, the decode attention and the temperature sampler) stays within float32 noise of it."""
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm.generate import batch_generate
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from dpoflow.batching import encode_prompt
-from dpoflow.generation import SharedPrefill, generate
+from dpoflow.generation import SharedPrefill, fast_categorical_sampler, fast_exp_ops, generate, poly_exp
 
 SYSTEM = "Reply with only the final answer, no explanation."
 QUESTIONS = ["Calculate 2 + 3.", "What is 7 times 8?", "Calculate 2 + 3.", "Sort 3, 1, 2.", "Spell cat backwards.",
@@ -43,7 +45,8 @@ def mlx_lm_greedy(model, tok, msgs, n_samples, max_tokens):
 def test_greedy_output_equals_mlx_lm_batch_generation(tiny, system, batch, n, max_tokens):
     model, tok = tiny
     msgs = prompts(system)
-    out = generate(model, tok, msgs, n_samples=n, temperature=0.0, max_tokens=max_tokens, seed=0, batch_size=batch)
+    out = generate(model, tok, msgs, n_samples=n, temperature=0.0, max_tokens=max_tokens, seed=0, batch_size=batch,
+                   fast_exp=False)
     assert out.token_ids == mlx_lm_greedy(model, tok, msgs, n, max_tokens)
     assert out.generated_tokens == sum(len(s) for p in out.token_ids for s in p) > 0
     assert all(len(s) == max_tokens or f for p, fs in zip(out.token_ids, out.finished) for s, f in zip(p, fs))
@@ -102,3 +105,58 @@ def test_models_without_a_plain_kv_cache_use_mlx_lm_batching(tiny, monkeypatch):
     monkeypatch.setattr(generation.SharedPrefill, "supported", staticmethod(lambda m: False))
     out = generation.generate(model, tok, prompts(), n_samples=2, temperature=0.0, max_tokens=8, batch_size=4)
     assert out.token_ids == mlx_lm_greedy(model, tok, prompts(), 2, 8)
+
+
+def test_poly_exp_matches_exp():
+    x = mx.linspace(-87, 87, 200_001)
+    rel = mx.abs(poly_exp(x) - mx.exp(x)) / mx.exp(x)
+    assert rel.max().item() < 2e-5
+    tiny = poly_exp(mx.array([-1e30, -200.0]))  # masked scores: clipped to 2^-126, never inf or nan
+    assert (tiny >= 0).all().item() and (tiny < 1e-37).all().item()
+    assert poly_exp(mx.array([0.5], dtype=mx.bfloat16)).dtype == mx.bfloat16
+
+
+def test_fast_exp_ops_stay_within_float32_noise_and_restore_the_model_module(tiny):
+    import mlx_lm.models.llama as llama
+
+    model, tok = tiny
+    stock = (llama.swiglu, llama.scaled_dot_product_attention)
+    ids = mx.array([encode_prompt(tok, m) for m in prompts()[:1]])
+
+    def prefill_then_decode():
+        cache = make_prompt_cache(model)
+        first = model(ids, cache=cache)
+        return first, model(mx.array([[7]]), cache=cache)  # the decode step takes the one-token attention path
+
+    want = prefill_then_decode()
+    with fast_exp_ops(model):
+        assert llama.swiglu is not stock[0] and llama.scaled_dot_product_attention is not stock[1]
+        got = prefill_then_decode()
+    for g, w in zip(got, want):
+        assert mx.abs(g - w).max().item() < 1e-3 * mx.abs(w).max().item()
+    assert (llama.swiglu, llama.scaled_dot_product_attention) == stock
+    with pytest.raises(RuntimeError), fast_exp_ops(model):
+        raise RuntimeError("restored on errors too")
+    assert (llama.swiglu, llama.scaled_dot_product_attention) == stock
+
+
+def test_fast_sampler_draws_the_softmax_distribution():
+    mx.random.seed(0)
+    logits = mx.array([[2.0, 1.0, 0.0, -1.0, -30.0]] * 40_000)
+    for temperature in (0.7, 1.3):
+        drawn = np.array(fast_categorical_sampler(temperature)(logits))
+        want = np.array(mx.softmax(logits[0] / temperature))
+        freq = np.bincount(drawn, minlength=5) / len(drawn)
+        assert np.abs(freq - want).max() < 0.01  # 40k draws: standard error <= 0.0025
+        assert drawn.max() <= 4 and freq[4] == 0
+
+
+def test_fast_exp_is_the_cpu_default_and_changes_only_float_noise(tiny):
+    model, tok = tiny
+    kw = dict(n_samples=2, max_tokens=10, batch_size=6)
+    assert mx.default_device().type == mx.cpu
+    sampled = generate(model, tok, prompts(), temperature=1.0, seed=5, **kw).token_ids
+    assert sampled == generate(model, tok, prompts(), temperature=1.0, seed=5, fast_exp=True, **kw).token_ids
+    assert sampled != generate(model, tok, prompts(), temperature=1.0, seed=5, fast_exp=False, **kw).token_ids
+    greedy = [generate(model, tok, prompts(), temperature=0.0, fast_exp=f, **kw).token_ids for f in (True, False)]
+    assert greedy[0] == greedy[1]
