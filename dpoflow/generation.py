@@ -21,8 +21,8 @@ so the SwiGLU sigmoid and the attention softmax are about half of a 2-thread dec
 "Decode step op by op"). While `generate` runs, the model's own module gets a polynomial exp (max relative error
 ~8e-6) in its `swiglu` and in the decode step's attention, and temperature sampling draws by inverse CDF on
 fast-exp weights (one uniform per row instead of mlx's V Gumbels). Logits move by ~1e-4; samples are those of the
-same distribution but not bit-identical to mlx-lm's, so `fast_exp=False` keeps the stock ops (Metal and CUDA have a
-hardware exp and keep them by default).
+same distribution but not bit-identical to mlx-lm's, so `fast_exp=False` keeps the stock ops (Metal and CUDA keep
+them by default: the polynomial was measured on this CPU only).
 
 Greedy output equals mlx-lm's batch generation with `fast_exp=False` (tests/test_generation.py); sampling is
 deterministic for a seed.
@@ -54,9 +54,11 @@ _EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7)]  # 2^f =
 
 @mx.compile
 def poly_exp(x: mx.array) -> mx.array:
-    """exp(x) = 2^n * 2^f: n from the float exponent bits, 2^f by a degree-6 polynomial (relative error < 1e-5;
-    inputs below -87 give ~1e-38 instead of 0). No gradient: sampling only."""
-    t = mx.clip(x * _LOG2E, -126.0, 126.0)
+    """exp(x) = 2^n * 2^f: n from the float exponent bits, 2^f by a degree-6 polynomial (relative error < 1e-5).
+    Below x = -87.3 (2^-126) the result is exactly 0 (n = -127 gives zero bits): masked attention scores must not
+    become subnormal weights, which x86 multiplies ~100x slower (a decode step with masked columns ran ~20% slower).
+    No gradient: sampling only."""
+    t = mx.clip(x * _LOG2E, -127.0, 126.0)
     n = mx.floor(t)
     f = t - n
     p = _EXP2_TAYLOR[6]
@@ -189,6 +191,7 @@ class SharedPrefill:
             pad = [width - len(m) for m in middles]
             tokens = mx.array([m + [0] * p for m, p in zip(middles, pad)])
             for c in caches:
+                c.step = width  # grow by exactly the middles (mlx-lm's 256 spare columns made finalize's roll 6x wider)
                 c.prepare(lengths=[len(m) for m in middles], right_padding=pad)
             self.model(tokens, cache=caches)
             for c in caches:
