@@ -56,8 +56,8 @@ _EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7)]  # 2^f =
 def poly_exp(x: mx.array) -> mx.array:
     """exp(x) = 2^n * 2^f: n from the float exponent bits, 2^f by a degree-6 polynomial (relative error < 1e-5).
     Below x = -87.3 (2^-126) the result is exactly 0 (n = -127 gives zero bits): masked attention scores must not
-    become subnormal weights, which x86 multiplies ~100x slower (a decode step with masked columns ran ~20% slower).
-    No gradient: sampling only."""
+    become subnormal weights, which x86 computes on a slow path (a decode step with masked columns ran ~1.18x as
+    long; benchmarks/profile_generation_loop.py). No gradient: sampling only."""
     t = mx.clip(x * _LOG2E, -127.0, 126.0)
     n = mx.floor(t)
     f = t - n
