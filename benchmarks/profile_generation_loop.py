@@ -36,6 +36,7 @@ def run(src: Path, label: str, args) -> dict:
     from mlx_lm.models.cache import make_prompt_cache
 
     import dpoflow.generation as G
+    from bench_generation import best_ms  # best of 5, CPU ms at 1 thread (after src is on the path: it imports dpoflow)
     from dpoflow.models import load_model
     from dpoflow.tasks import item_prompt
 
@@ -79,15 +80,6 @@ def run(src: Path, label: str, args) -> dict:
             "decode_model_ms_per_step": 1000 * timers["decode_model"] / max(steps[0], 1),
             "tokens_sha": hashlib.sha256(json.dumps(g.token_ids).encode()).hexdigest()[:16]}
     print(label, json.dumps(loop), flush=True)
-
-    def best_ms(f, n=5) -> float:
-        f()
-        out = float("inf")
-        for _ in range(n):
-            t = clock()
-            f()
-            out = min(out, clock() - t)
-        return 1000 * out
 
     B, context, capacity = args.batch, 60, 140
     x = mx.zeros((B, 1), dtype=mx.int32)
