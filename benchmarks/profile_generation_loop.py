@@ -36,7 +36,7 @@ def run(src: Path, label: str, args) -> dict:
     from mlx_lm.models.cache import make_prompt_cache
 
     import dpoflow.generation as G
-    from bench_generation import best_ms  # best of 5, CPU ms at 1 thread (after src is on the path: it imports dpoflow)
+    from bench_generation import SYSTEM, best_ms  # best of 5, CPU ms at 1 thread (imported after src: it imports dpoflow)
     from dpoflow.models import load_model
     from dpoflow.tasks import item_prompt
 
@@ -66,7 +66,7 @@ def run(src: Path, label: str, args) -> dict:
         return out
 
     items = [json.loads(line) for line in open(HERE.parent / "data/tasks/pref_prompts.jsonl")]
-    prompts = [item_prompt(it, "Reply with only the final answer, no explanation.") for it in items[:args.prompts]]
+    prompts = [item_prompt(it, SYSTEM) for it in items[:args.prompts]]
     kw = dict(n_samples=args.samples, temperature=0.9, max_tokens=16, batch_size=args.batch, seed=0)
     G.generate(model, tok, prompts[:4], **{**kw, "max_tokens": 4})  # warm-up (compiles)
     G.SharedPrefill.chunk, type(model).__call__ = timed_chunk, timed_call
@@ -95,8 +95,10 @@ def run(src: Path, label: str, args) -> dict:
                 c.trim(1)
 
         slots = G._Slots(len(model.layers), B, col=context, capacity=capacity)
+        a = model.args
+        shape = (B, a.num_key_value_heads, capacity, a.hidden_size // a.num_attention_heads)
         for layer in slots.layers:
-            layer.keys, layer.values = (mx.random.normal((B, 3, capacity, 64)) for _ in range(2))
+            layer.keys, layer.values = (mx.random.normal(shape) for _ in range(2))
             mx.eval(layer.keys, layer.values)
 
         def slot_step():
