@@ -35,6 +35,8 @@ test: setup
 	@# Headless Chromium renders the HTML report in tests/test_evaluate.py (skipped without it); best effort.
 	@test -x /usr/bin/chromium || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
 	  apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } || echo "chromium not installed: the report screenshot test will skip"
+	$(VENV)/bin/ruff check dpoflow stages tests benchmarks
+	$(VENV)/bin/ruff format --check dpoflow stages tests benchmarks
 	$(PY) -m pytest -q -m "not slow"
 
 # Includes the real-model tests (minutes).

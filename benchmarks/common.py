@@ -13,6 +13,7 @@ Nominal model FLOPs of one DPO step (the same number for every framework, so MFU
 Work an implementation avoids (dpoflow's shared prompt runs B P + 2B C body tokens, not 2B(P+C)) is still counted:
 MFU compares everyone's speed on the same nominal work.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
-MODEL_DIR = ROOT.parent / "models" / "base"       # SmolLM2-135M-Instruct, fp32 mlx-lm folder (HF llama layout)
+MODEL_DIR = ROOT.parent / "models" / "base"  # SmolLM2-135M-Instruct, fp32 mlx-lm folder (HF llama layout)
 BETA, LEARNING_RATE, MAX_GRAD_NORM = 0.1, 5e-5, 1.0
-LORA = {"rank": 8, "scale": 20.0, "layers": 16}   # all 7 linear layers of the top 16 blocks (mlx-lm's default keys)
+LORA = {"rank": 8, "scale": 20.0, "layers": 16}  # all 7 linear layers of the top 16 blocks (mlx-lm's default keys)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {"32+32": (32, 32), "192+32": (192, 32)}
 N_PAIRS = 8
@@ -40,7 +41,7 @@ def word_tokens(tokenizer_json: Path = MODEL_DIR / "tokenizer.json") -> list[int
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     out = []
-    for piece, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+    for _piece, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
         text = tok.decode([i])
         if re.fullmatch(r" [a-z]{3,9}", text) and tok.encode(text, add_special_tokens=False).ids == [i]:
             out.append(i)
@@ -57,8 +58,16 @@ def synthetic_pairs(prompt_len: int, completion_len: int, n_pairs: int = N_PAIRS
     pairs = []
     for _ in range(n_pairs):
         p, c, r = (rng.choice(words, n).tolist() for n in (prompt_len, completion_len - 1, completion_len - 1))
-        pairs.append({"prompt": tok.decode(p), "chosen": tok.decode(c), "rejected": tok.decode(r),
-                      "prompt_ids": p, "chosen_ids": c + [eos], "rejected_ids": r + [eos]})
+        pairs.append(
+            {
+                "prompt": tok.decode(p),
+                "chosen": tok.decode(c),
+                "rejected": tok.decode(r),
+                "prompt_ids": p,
+                "chosen_ids": c + [eos],
+                "rejected_ids": r + [eos],
+            }
+        )
     # the texts must tokenize back to the ids
     for pair in pairs:
         assert tok.encode(pair["prompt"], add_special_tokens=False).ids == pair["prompt_ids"]
@@ -86,8 +95,9 @@ def step_flops(prompt_len: int, completion_len: int, n_pairs: int, finetune: str
     return forward + backward + (forward if reference_per_step else 0)
 
 
-def work_flops(prompt_len: int, completion_len: int, n_pairs: int, finetune: str, reference_per_step: bool,
-               shared_prompt: bool) -> float:
+def work_flops(
+    prompt_len: int, completion_len: int, n_pairs: int, finetune: str, reference_per_step: bool, shared_prompt: bool
+) -> float:
     """step_flops with the body tokens an implementation really runs: a shared prompt runs B P + 2B (C - 1)."""
     if not shared_prompt:
         return step_flops(prompt_len, completion_len, n_pairs, finetune, reference_per_step)
@@ -173,8 +183,12 @@ def cpu_stats(cpu_times: list[float]) -> dict:
     """Per-step process CPU seconds (all threads). On a machine shared with higher-priority work, wall time
     measures the others as much as us; CPU time does not (at 1 thread, where no BLAS thread spin-waits)."""
     timed = cpu_times[1:]
-    return {"cpu_seconds_all": cpu_times, "cpu_seconds": min(timed) if timed else None,
-            "cpu_seconds_median": sorted(timed)[len(timed) // 2] if timed else None, "threads": threads()}
+    return {
+        "cpu_seconds_all": cpu_times,
+        "cpu_seconds": min(timed) if timed else None,
+        "cpu_seconds_median": sorted(timed)[len(timed) // 2] if timed else None,
+        "threads": threads(),
+    }
 
 
 def peak_rss_gb() -> float:

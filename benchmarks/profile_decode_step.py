@@ -6,9 +6,11 @@
 Times the ops of one transformer block of the real model (mlx-lm's llama modules, float32) at `--batch` sequences
 decoding one token with `--context` cached tokens, each op evaluated on its own (best of 5 of 20 repeats), then
 the whole block evaluated as one graph and the whole body (all blocks); swiglu and attention also with
-dpoflow.generation's polynomial exp (not in the sums). Sum of ops x blocks vs the measured body
-shows what evaluating op by op adds; GEMM rows give their achieved GFLOP/s. Writes results/profile_decode_b<batch>[_t1].json.
+dpoflow.modeling.generation's polynomial exp (not in the sums). Sum of ops x blocks vs the measured body
+shows what evaluating op by op adds; GEMM rows give their achieved GFLOP/s.
+Writes results/profile_decode_b<batch>[_t1].json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,15 +20,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402
 import mlx.core as mx  # noqa: E402
+from bench_fast_exp import fast_sdpa, fast_swiglu  # noqa: E402
+from bench_generation import best_ms  # noqa: E402  (best of 5; CPU ms at 1 thread)
 from mlx_lm.models.activations import swiglu  # noqa: E402
 from mlx_lm.models.base import scaled_dot_product_attention  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
-import common  # noqa: E402
-from bench_fast_exp import fast_sdpa, fast_swiglu  # noqa: E402
-from bench_generation import best_ms  # noqa: E402  (best of 5; CPU ms at 1 thread)
-from dpoflow.models import load_model  # noqa: E402
+from dpoflow.modeling.loading import load_model  # noqa: E402
 
 REPEATS = 20
 
@@ -35,6 +37,7 @@ def per_call_ms(f) -> float:
     def repeated():
         for _ in range(REPEATS):
             f()
+
     return best_ms(repeated) / REPEATS
 
 
@@ -47,7 +50,7 @@ def profile_block(model, batch: int, context: int) -> dict:
     attn, mlp = block.self_attn, block.mlp
     D, H, KV = model.args.hidden_size, attn.n_heads, attn.n_kv_heads
     hd = D // H
-    I = mlp.gate_proj.weight.shape[0]
+    I = mlp.gate_proj.weight.shape[0]  # noqa: E741 (the paper notation: M x D x I)
     x = mx.random.normal((batch, 1, D))
     q = mx.random.normal((batch, H, 1, hd))
     k1 = mx.random.normal((batch, KV, 1, hd))
@@ -68,15 +71,22 @@ def profile_block(model, batch: int, context: int) -> dict:
     M = batch
     ops = {  # name -> (function, FLOPs of its matmuls or 0); all but attention's are weight GEMMs
         "input rms_norm": (lambda: mx.eval(block.input_layernorm(x)), 0),
-        "q,k,v projections": (lambda: mx.eval(attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)),
-                              flops(M, D, H * hd) + 2 * flops(M, D, KV * hd)),
-        "reshape+transpose+rope q,k": (lambda: mx.eval(
-            attn.rope(x.reshape(batch, 1, H, -1).transpose(0, 2, 1, 3), offset=context),
-            attn.rope(k1, offset=context)), 0),
+        "q,k,v projections": (
+            lambda: mx.eval(attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)),
+            flops(M, D, H * hd) + 2 * flops(M, D, KV * hd),
+        ),
+        "reshape+transpose+rope q,k": (
+            lambda: mx.eval(
+                attn.rope(x.reshape(batch, 1, H, -1).transpose(0, 2, 1, 3), offset=context),
+                attn.rope(k1, offset=context),
+            ),
+            0,
+        ),
         "kv cache write+fetch": (cache_update, 0),
-        "attention (sdpa)": (lambda: mx.eval(scaled_dot_product_attention(q, keys, values, cache=c, scale=attn.scale,
-                                                                          mask=None)),
-                             2 * flops(M * H, hd, context + 1)),
+        "attention (sdpa)": (
+            lambda: mx.eval(scaled_dot_product_attention(q, keys, values, cache=c, scale=attn.scale, mask=None)),
+            2 * flops(M * H, hd, context + 1),
+        ),
         "o_proj": (lambda: mx.eval(attn.o_proj(x)), flops(M, H * hd, D)),
         "residual add + post rms_norm": (lambda: mx.eval(block.post_attention_layernorm(x + x)), 0),
         "gate,up projections": (lambda: mx.eval(mlp.gate_proj(x), mlp.up_proj(x)), 2 * flops(M, D, I)),
@@ -84,15 +94,18 @@ def profile_block(model, batch: int, context: int) -> dict:
         "down_proj + residual add": (lambda: mx.eval(mlp.down_proj(h_mlp) + x), flops(M, I, D)),
         "empty eval (dispatch floor)": (lambda: mx.eval(x + 0), 0),
     }
-    alternatives = {  # not in the sum: the same op with dpoflow.generation's polynomial exp
+    alternatives = {  # not in the sum: the same op with dpoflow.modeling.generation's polynomial exp
         "swiglu, polynomial exp": lambda: mx.eval(fast_swiglu(h_mlp, h_mlp)),
         "attention, polynomial exp": lambda: mx.eval(fast_sdpa(q, keys, values, c, attn.scale, None)),
     }
     rows = {}
     for name, (f, gemm) in ops.items():
         ms = per_call_ms(f)
-        rows[name] = {"ms": ms, "gflops": gemm / ms / 1e6 if gemm else None,
-                      "weight_gemm": bool(gemm) and name != "attention (sdpa)"}
+        rows[name] = {
+            "ms": ms,
+            "gflops": gemm / ms / 1e6 if gemm else None,
+            "weight_gemm": bool(gemm) and name != "attention (sdpa)",
+        }
     alt_rows = {name: {"ms": per_call_ms(f)} for name, f in alternatives.items()}
 
     def whole_block():
@@ -107,9 +120,17 @@ def profile_block(model, batch: int, context: int) -> dict:
     sum_ops = sum(r["ms"] for n, r in rows.items() if not n.startswith("empty"))
     gemm_ms = sum(r["ms"] for r in rows.values() if r["weight_gemm"])
     n_layers = len(model.model.layers)
-    return {"batch": batch, "context": context, "layers": n_layers, "ops": rows, "alternatives": alt_rows,
-            "sum_of_ops_ms": sum_ops, "gemm_ms": gemm_ms, "block_ms": per_call_ms(whole_block),
-            "body_ms": best_ms(body)}
+    return {
+        "batch": batch,
+        "context": context,
+        "layers": n_layers,
+        "ops": rows,
+        "alternatives": alt_rows,
+        "sum_of_ops_ms": sum_ops,
+        "gemm_ms": gemm_ms,
+        "block_ms": per_call_ms(whole_block),
+        "body_ms": best_ms(body),
+    }
 
 
 def main() -> None:
@@ -128,12 +149,15 @@ def main() -> None:
         print(f"  {name:30s} {row['ms']:7.3f}  {row['ms'] / r['block_ms'] * 100:5.1f}%{rate}")
     for name, row in r["alternatives"].items():
         print(f"  ({name:28s} {row['ms']:7.3f})")
-    print(f"  sum of ops {r['sum_of_ops_ms']:.3f} (weight GEMMs {r['gemm_ms']:.3f}); "
-          f"block as one graph {r['block_ms']:.3f}; "
-          f"x {r['layers']} = {r['block_ms'] * r['layers']:.1f}; body measured {r['body_ms']:.1f}")
+    print(
+        f"  sum of ops {r['sum_of_ops_ms']:.3f} (weight GEMMs {r['gemm_ms']:.3f}); "
+        f"block as one graph {r['block_ms']:.3f}; "
+        f"x {r['layers']} = {r['block_ms'] * r['layers']:.1f}; body measured {r['body_ms']:.1f}"
+    )
     print(f"same-run GEMM rate (SmolLM2 shapes): {gemm:.0f} GFLOP/s")
-    path = common.write_result(f"profile_decode_b{args.batch}" + common.suffix(), {**r, "gemm_gflops": gemm,
-                                                                     "threads": common.threads()})
+    path = common.write_result(
+        f"profile_decode_b{args.batch}" + common.suffix(), {**r, "gemm_gflops": gemm, "threads": common.threads()}
+    )
     print(f"-> {path}")
 
 

@@ -5,7 +5,8 @@
     python benchmarks/profile_generation_loop.py --src /tmp/before --label before
     python benchmarks/profile_generation_loop.py --alternate /tmp/before  # both, alternating, in one command
 
-Loop: `dpoflow.generation.generate` on Stage 2's first `--prompts` prompts x `--samples` samples (T 0.9, 16 tokens,
+Loop: `dpoflow.modeling.generation.generate` on Stage 2's first `--prompts` prompts x `--samples` samples (T 0.9,
+16 tokens,
 batch 64, the SFT model), with timers around the prefill chunks and the model's decode step (evaluated on its own
 here, so the sampler and the Python bookkeeping are the rest). `tokens_sha` hashes every sampled id: two checkouts
 with the same hash sampled exactly the same tokens.
@@ -14,6 +15,7 @@ loop), with every start at 0 (nothing masked), and in mlx-lm's KVCache at the sa
 alternated). A masked step slower than an unmasked one is the subnormal-weights cost that poly_exp's flush removed.
 Appends to results/generation_loop[_t1].json (--alternate starts it afresh).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +35,15 @@ def run(src: Path, label: str, args) -> dict:
     sys.path.insert(0, str(src))
     import mlx.core as mx
     import numpy as np
+    from bench_generation import (  # best of 5, CPU ms at 1 thread (imported after src: it imports dpoflow)
+        SYSTEM,
+        best_ms,
+    )
     from mlx_lm.models.cache import make_prompt_cache
 
-    import dpoflow.generation as G
-    from bench_generation import SYSTEM, best_ms  # best of 5, CPU ms at 1 thread (imported after src: it imports dpoflow)
-    from dpoflow.models import load_model
-    from dpoflow.tasks import item_prompt
+    import dpoflow.modeling.generation as G
+    from dpoflow.data.tasks import item_prompt
+    from dpoflow.modeling.loading import load_model
 
     assert Path(G.__file__).resolve().is_relative_to(src.resolve()), G.__file__
     clock = time.process_time if common.threads() == 1 else time.perf_counter
@@ -65,8 +70,8 @@ def run(src: Path, label: str, args) -> dict:
             steps[0] += 1
         return out
 
-    items = [json.loads(line) for line in open(HERE.parent / "data/tasks/pref_prompts.jsonl")]
-    prompts = [item_prompt(it, SYSTEM) for it in items[:args.prompts]]
+    items = [json.loads(line) for line in (HERE.parent / "data/tasks/pref_prompts.jsonl").read_text().splitlines()]
+    prompts = [item_prompt(it, SYSTEM) for it in items[: args.prompts]]
     kw = dict(n_samples=args.samples, temperature=0.9, max_tokens=16, batch_size=args.batch, seed=0)
     G.generate(model, tok, prompts[:4], **{**kw, "max_tokens": 4})  # warm-up (compiles)
     G.SharedPrefill.chunk, type(model).__call__ = timed_chunk, timed_call
@@ -74,11 +79,16 @@ def run(src: Path, label: str, args) -> dict:
     g = G.generate(model, tok, prompts, **kw)
     total = clock() - t
     G.SharedPrefill.chunk, type(model).__call__ = chunk, model_call
-    loop = {"seconds": total, "generated_tokens": g.generated_tokens, "tokens_per_sec": g.generated_tokens / total,
-            "decode_steps": steps[0], **timers,
-            "rest": total - timers["prefill_chunks"] - timers["decode_model"],
-            "decode_model_ms_per_step": 1000 * timers["decode_model"] / max(steps[0], 1),
-            "tokens_sha": hashlib.sha256(json.dumps(g.token_ids).encode()).hexdigest()[:16]}
+    loop = {
+        "seconds": total,
+        "generated_tokens": g.generated_tokens,
+        "tokens_per_sec": g.generated_tokens / total,
+        "decode_steps": steps[0],
+        **timers,
+        "rest": total - timers["prefill_chunks"] - timers["decode_model"],
+        "decode_model_ms_per_step": 1000 * timers["decode_model"] / max(steps[0], 1),
+        "tokens_sha": hashlib.sha256(json.dumps(g.token_ids).encode()).hexdigest()[:16],
+    }
     print(label, json.dumps(loop), flush=True)
 
     B, context, capacity = args.batch, 60, 140
@@ -113,11 +123,18 @@ def run(src: Path, label: str, args) -> dict:
             slots.start[:] = 0
             step["slots_unmasked"].append(best_ms(slot_step))
     deep = G.poly_exp(mx.linspace(-100, -80, 20_001))
-    out = {"label": label, "src": str(src), "commit": _commit(src), "threads": common.threads(),
-           "workload": {"model": args.model, "prompts": args.prompts, "samples": args.samples, "batch": args.batch},
-           "loop": loop, "step_ms": step, "step_ms_best": {k: min(v) for k, v in step.items()},
-           "poly_exp_subnormal_outputs": int(((deep > 0) & (deep < 2.0 ** -126)).sum().item()),
-           "load": common.cpu_load()}
+    out = {
+        "label": label,
+        "src": str(src),
+        "commit": _commit(src),
+        "threads": common.threads(),
+        "workload": {"model": args.model, "prompts": args.prompts, "samples": args.samples, "batch": args.batch},
+        "loop": loop,
+        "step_ms": step,
+        "step_ms_best": {k: min(v) for k, v in step.items()},
+        "poly_exp_subnormal_outputs": int(((deep > 0) & (deep < 2.0**-126)).sum().item()),
+        "load": common.cpu_load(),
+    }
     print(label, json.dumps(out["step_ms_best"]), flush=True)
     path = common.RESULTS / f"generation_loop{common.suffix()}.json"
     runs = json.loads(path.read_text())["runs"] if path.exists() else []
@@ -127,8 +144,9 @@ def run(src: Path, label: str, args) -> dict:
 
 def _commit(src: Path) -> str:
     r = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "dpoflow"],
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(src), "status", "--porcelain", "--", "dpoflow"], capture_output=True, text=True
+    ).stdout.strip()
     return r.stdout.strip() + ("+changes" if dirty else "")
 
 
@@ -143,8 +161,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args()
     if args.alternate:  # fresh processes: each checkout's modules imported once
-        me = [sys.executable, __file__, "--model", args.model, "--prompts", str(args.prompts),
-              "--samples", str(args.samples), "--batch", str(args.batch)]
+        me = [
+            sys.executable,
+            __file__,
+            "--model",
+            args.model,
+            "--prompts",
+            str(args.prompts),
+            "--samples",
+            str(args.samples),
+            "--batch",
+            str(args.batch),
+        ]
         (common.RESULTS / f"generation_loop{common.suffix()}.json").unlink(missing_ok=True)
         for _ in range(2):
             subprocess.run(me + ["--src", str(args.alternate), "--label", "before"], check=True)

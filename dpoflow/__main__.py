@@ -1,10 +1,14 @@
 """`python -m dpoflow doctor | setup-blas | tune-batch`."""
+
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
-from dpoflow import device
-from dpoflow.params import load_params
+from dpoflow.runtime import device
+from dpoflow.runtime.params import load_params
+from dpoflow.training.tune import tune_batch
 
 
 @click.group()
@@ -19,7 +23,10 @@ def doctor(params_path: str) -> None:
     params = load_params(params_path)
     chip, batch = params.resolved_batch_size()
     click.echo(f"MLX device:      {device.device_name()}")
-    click.echo(f"detected chip:   {device.detect_chip()}" + (f" (forced in params: {params.chip})" if params.chip != "auto" else ""))
+    click.echo(
+        f"detected chip:   {device.detect_chip()}"
+        + (f" (forced in params: {params.chip})" if params.chip != "auto" else "")
+    )
     click.echo(f"BLAS:            {device.blas_in_use()}")
     click.echo(f"fp32 matmul:     {device.matmul_gflops():.1f} GFLOP/s (1024x1024)")
     click.echo(f"batch size:      {batch} (params.yaml batch_size.{chip})")
@@ -41,22 +48,35 @@ def setup_blas() -> None:
 @click.option("--completion-len", default=24, show_default=True, help="completion tokens (chosen and rejected)")
 @click.option("--steps", default=2, show_default=True, help="timed steps per batch size (after one warm-up)")
 @click.option("--memory-fraction", default=0.6, show_default=True, help="peak memory budget, fraction of RAM")
-def tune_batch_cmd(params_path: str, model_dir: str | None, candidates: str, prompt_len: int, completion_len: int,
-                   steps: int, memory_fraction: float) -> None:
+def tune_batch_cmd(
+    params_path: str,
+    model_dir: str | None,
+    candidates: str,
+    prompt_len: int,
+    completion_len: int,
+    steps: int,
+    memory_fraction: float,
+) -> None:
     """Time the DPO step (Stage 5's) at candidate batch sizes on this chip; print the batch size to put under
     this chip in params.yaml (batch_size.<chip>)."""
-    from pathlib import Path
-
-    from dpoflow.tune import tune_batch
-
     params = load_params(params_path)
     chip = params.resolved_chip()
     if model_dir is None:
         model_dir = "models/sft" if Path("models/sft/config.json").exists() else "models/base"
-    click.echo(f"chip {chip}, model {model_dir}, dpo.finetune {params.dpo.finetune}, "
-               f"pairs of {prompt_len} + {completion_len} tokens")
-    trials, best = tune_batch(Path(model_dir), params.dpo, [int(c) for c in candidates.split(",")], prompt_len,
-                              completion_len, steps, memory_fraction, log=click.echo)
+    click.echo(
+        f"chip {chip}, model {model_dir}, dpo.finetune {params.dpo.finetune}, "
+        f"pairs of {prompt_len} + {completion_len} tokens"
+    )
+    trials, best = tune_batch(
+        Path(model_dir),
+        params.dpo,
+        [int(c) for c in candidates.split(",")],
+        prompt_len,
+        completion_len,
+        steps,
+        memory_fraction,
+        log=click.echo,
+    )
     click.echo(f"best: batch {best.batch_size} ({best.pairs_per_sec:.2f} pairs/s, peak {best.peak_memory_gb:.2f} GB)")
     click.echo(f"params.yaml:\nbatch_size:\n  {chip}: {best.batch_size}")
 

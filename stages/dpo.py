@@ -1,20 +1,25 @@
 """Stage 5: DPO. Trains the Stage 3 policy on data/pairs.parquet against the cached reference log-probs, checks the
 held-out KL every dpo.kl_every steps (over dpo.kl_target: lower the learning rate and retry from Stage 3), and
 writes the trained policy, the metrics the gate reads, and the training curves."""
+
 import logging
 import shutil
-from contextlib import nullcontext
 from pathlib import Path
 
 import click
 import mlx.core as mx
-from dvclive import Live
 
-from dpoflow import distributed, dpo, io, tasks
-from dpoflow.data import read_pairs
-from dpoflow.dpo import train_dpo
-from dpoflow.params import load_params
-from dpoflow.policy import kl_prompt_messages, load_policy, read_ref_logps, save_policy
+from dpoflow.data import tasks
+from dpoflow.data.formats import read_pairs
+from dpoflow.eval.measure import kl_prompt_messages
+from dpoflow.modeling.policy import load_policy, save_policy
+from dpoflow.modeling.reference import read_ref_logps
+from dpoflow.pipeline import dpo
+from dpoflow.runtime import distributed, io
+from dpoflow.runtime.params import load_params
+from dpoflow.training.dpo import STAGE_KEYS
+
+from live_logger import live_logger
 
 SFT = Path("models/sft")
 POLICY_INIT = Path("models/policy_init")
@@ -22,8 +27,7 @@ REF_LOGPS = Path("data/ref_logps.safetensors")
 PAIRS = {"train": Path("data/pairs.parquet"), "heldout": Path("data/heldout_pairs.parquet")}
 HELDOUT_TASKS = Path("data/tasks/heldout.jsonl")
 OUT = Path("models/dpo")
-CHECKPOINT = Path("checkpoints/dpo")  
-
+CHECKPOINT = Path("checkpoints/dpo")  # resume point of a killed run (not a DVC output)
 
 
 @click.command()
@@ -39,29 +43,56 @@ def main(params_path: str) -> None:
     pairs = {split: read_pairs(path) for split, path in PAIRS.items()}
     cache = read_ref_logps(REF_LOGPS, pairs, max_len=p.preference.max_seq_len, reference_hash=policy.reference_hash)
     prompts = kl_prompt_messages(tasks.read_split(HELDOUT_TASKS), p.init.kl_prompts, p.data.system_prompt)
-    dpo_params = {k: getattr(p.dpo, k) for k in dpo.STAGE_KEYS}
+    dpo_params = {k: getattr(p.dpo, k) for k in STAGE_KEYS}
     kl_settings = (p.init.kl_prompts, p.init.kl_samples, p.init.kl_max_tokens)
-    fingerprint = repr((dpo_params, p.seed, batch_size, p.model.dtype, p.preference.max_seq_len, kl_settings,
-                        p.data.system_prompt, io.files_hash(POLICY_INIT, REF_LOGPS, *PAIRS.values())))
-    main_rank = distributed.is_main_process()  # only rank 0 writes curves and artifacts
-    with (Live("dvclive/dpo", save_dvc_exp=False, dvcyaml=None, report=None) if main_rank else nullcontext()) as live:
-        result = train_dpo(
-            policy.model, policy.tokenizer, pairs["train"], cache["train"], pairs["heldout"], cache["heldout"],
-            prompts, p.dpo, batch_size, p.seed, live, CHECKPOINT, reference=policy.reference,
-            fingerprint=fingerprint, max_len=p.preference.max_seq_len, kl_samples=p.init.kl_samples,
-            kl_max_tokens=p.init.kl_max_tokens)
-    if not main_rank:
+    fingerprint = repr(
+        (
+            dpo_params,
+            p.seed,
+            batch_size,
+            p.model.dtype,
+            p.preference.max_seq_len,
+            kl_settings,
+            p.data.system_prompt,
+            io.files_hash(POLICY_INIT, REF_LOGPS, *PAIRS.values()),
+        )
+    )
+    with live_logger("dvclive/dpo") as logger:
+        result = dpo.train(
+            p,
+            policy,
+            pairs["train"],
+            cache["train"],
+            pairs["heldout"],
+            cache["heldout"],
+            prompts,
+            batch_size=batch_size,
+            logger=logger,
+            checkpoint_dir=CHECKPOINT,
+            fingerprint=fingerprint,
+        )
+    if not distributed.is_main_process():
         return
     save_policy(policy, OUT)
-    io.write_json("metrics/dpo.json", {**result.metrics, "finetune": policy.finetune, "chip": chip,
-                                       "batch_size": batch_size, "reference_hash": policy.reference_hash})
+    io.write_json(
+        "metrics/dpo.json",
+        {
+            **result.metrics,
+            "finetune": policy.finetune,
+            "chip": chip,
+            "batch_size": batch_size,
+            "reference_hash": policy.reference_hash,
+        },
+    )
     io.write_json("metrics/perf/dpo.json", {**result.perf, "chip": chip, "batch_size": batch_size})
     shutil.rmtree(CHECKPOINT, ignore_errors=True)  # artifacts are written: nothing left to resume
     m = result.metrics
     fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
-    click.echo(f"DPO: KL {fmt(m['kl'])} (target {p.dpo.kl_target:g}, {m['n_attempts']} attempt(s), final lr "
-               f"{m['learning_rate']:.3g}), held-out gap {fmt(m['heldout_gap'])}, "
-               f"accuracy {fmt(m['heldout_accuracy'])}")
+    click.echo(
+        f"DPO: KL {fmt(m['kl'])} (target {p.dpo.kl_target:g}, {m['n_attempts']} attempt(s), final lr "
+        f"{m['learning_rate']:.3g}), held-out gap {fmt(m['heldout_gap'])}, "
+        f"accuracy {fmt(m['heldout_accuracy'])}"
+    )
 
 
 if __name__ == "__main__":

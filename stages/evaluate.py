@@ -10,34 +10,44 @@
                                                    # prints it and writes metrics/human_eval.json
 
 The measuring run reads no threshold (editing one re-runs only the light decision + gate); `--decide` applies
-gates.gate_checks("evaluate") and always writes the report, also when the gate then fails.
+the gate's checks (dpoflow.eval.deploy) and always writes the report, also when the gate then fails.
 """
+
 import time
 from pathlib import Path
 
 import click
 import mlx.core as mx
 
-from dpoflow import benchmarks, io, judges, models, tasks
-from dpoflow.data import read_pairs
-from dpoflow.evaluate import export_final, export_human_sheet, import_human_ratings, run_evaluation
-from dpoflow.params import load_params
-from dpoflow.policy import kl_prompt_messages, read_ref_logps
-from dpoflow.preference import collect_eval_texts
-from dpoflow.report import write_report
+from dpoflow.data import judges, tasks
+from dpoflow.data.decontamination import collect_eval_texts
+from dpoflow.data.formats import read_pairs
+from dpoflow.eval import benchmarks
+from dpoflow.eval.human import export_human_sheet, import_human_ratings
+from dpoflow.eval.measure import kl_prompt_messages, make_probe
+from dpoflow.modeling import loading
+from dpoflow.modeling.chain import export_final
+from dpoflow.modeling.reference import read_ref_logps
+from dpoflow.pipeline.evaluate import Evaluation, decide, run_evaluation
+from dpoflow.reporting.charts import read_tsv
+from dpoflow.reporting.report import CURVES, ReportInputs, write_report
+from dpoflow.runtime import io
+from dpoflow.runtime.params import load_params
 
 SFT = Path("models/sft")
 SELECTED = Path("models/selected")
 FINAL = Path("models/final")
-REWARD = Path("models/reward")
 SPLITS = Path("data/tasks")
 PAIRS = Path("data/pairs.parquet")
 ROUND_PAIRS = Path("data/rounds")
 HELDOUT_PAIRS = Path("data/heldout_pairs.parquet")
 REF_LOGPS = Path("data/ref_logps.safetensors")
 JUDGMENTS = Path("data/evaluation/judgments.jsonl")
-SHEET = Path("reports/human_eval_sheet.csv")
-KEY = Path("reports/human_eval_key.json")
+REPORTS = Path("reports")
+SHEET = REPORTS / "human_eval_sheet.csv"
+KEY = REPORTS / "human_eval_key.json"
+METRICS = Path("metrics/evaluate.json")
+ITERATE_METRICS = Path("metrics/iterate.json")
 
 
 def _measure(p) -> None:
@@ -48,80 +58,166 @@ def _measure(p) -> None:
     info = export_final(SFT, SELECTED, FINAL, dtype=p.model.dtype)
     click.echo(f"exported round {info['selected_round']} -> {FINAL} (standalone mlx-lm folder, adapters fused)")
     t1 = time.perf_counter()
-    bench = benchmarks.run_benchmarks(FINAL, p.benchmarks.tasks, include_path=SPLITS / "lm_eval",
-                                      limit=p.benchmarks.limit, seed=p.seed, batch_size=p.benchmarks.batch_size)
+    bench = benchmarks.run_benchmarks(
+        FINAL,
+        p.benchmarks.tasks,
+        include_path=SPLITS / "lm_eval",
+        limit=p.benchmarks.limit,
+        seed=p.seed,
+        batch_size=p.benchmarks.batch_size,
+    )
     final_scores = {name: r["score"] for name, r in bench.items()}
     baseline = io.read_json("metrics/sft.json").get("benchmarks") or {}
     t2 = time.perf_counter()
 
-    final_model, tokenizer = models.load_model(FINAL, dtype=p.model.dtype)  # loads exactly what is shipped
-    sft_model, _ = models.load_model(SFT, dtype=p.model.dtype)
+    final_model, tokenizer = loading.load_model(FINAL, dtype=p.model.dtype)  # loads exactly what is shipped
+    sft_model, _ = loading.load_model(SFT, dtype=p.model.dtype)
     final_model.freeze()
     sft_model.freeze()
     pp = p.preference
     judge_name = pp.judge if pp.judge != "import" else "verifier"  # import labels nothing new: the task verifier
-    judge = judges.make_judge(judge_name, batch_size=batch_size,
-                              reward_model_path=getattr(pp, "reward_model_path", REWARD))
+    judge = judges.make_judge(judge_name, batch_size=batch_size, reward_model_path=pp.reward_model_path)
     items = tasks.read_split(SPLITS / "eval.jsonl")[: p.evaluate.win_rate_prompts]
     heldout_items = tasks.read_split(SPLITS / "heldout.jsonl")
     heldout_pairs = read_pairs(HELDOUT_PAIRS)
-    heldout_cache = read_ref_logps(REF_LOGPS, {"heldout": heldout_pairs}, max_len=pp.max_seq_len,
-                                   reference_hash=models.model_hash(SFT))["heldout"]
+    heldout_cache = read_ref_logps(
+        REF_LOGPS, {"heldout": heldout_pairs}, max_len=pp.max_seq_len, reference_hash=loading.model_hash(SFT)
+    )["heldout"]
     pair_sets = {str(PAIRS): read_pairs(PAIRS)}
     for path in sorted(ROUND_PAIRS.glob("round_*.parquet")):
         pair_sets[str(path)] = read_pairs(path)
     template_items = tasks.read_split(SPLITS / "pref_prompts.jsonl") + tasks.read_split(SPLITS / "rounds.jsonl")
-    eval_texts = collect_eval_texts(SPLITS, template_items=template_items)
-    metrics, judgments, perf = run_evaluation(
-        final_model=final_model, sft_model=sft_model, tokenizer=tokenizer, items=items,
-        system_prompt=p.data.system_prompt or None, judge=judge, max_tokens=pp.max_tokens,
-        kl_prompts=kl_prompt_messages(heldout_items, p.init.kl_prompts, p.data.system_prompt),
-        kl_samples=p.init.kl_samples, kl_max_tokens=p.init.kl_max_tokens, seed=p.seed, heldout_pairs=heldout_pairs,
-        heldout_sft_logps=heldout_cache, beta=p.dpo.beta, length_normalize=p.dpo.length_normalize,
-        max_len=pp.max_seq_len, batch_size=batch_size, final_benchmarks=final_scores, baseline_benchmarks=baseline,
-        pair_sets=pair_sets, eval_texts=eval_texts, ngram=pp.decontamination_ngram,
-        bootstrap_samples=p.evaluate.bootstrap_samples, temperature=p.evaluate.win_rate_temperature,
-        judge_name=judge_name if judge_name == pp.judge else "verifier (preference.judge is import)")
+    kl_prompts = kl_prompt_messages(heldout_items, p.init.kl_prompts, p.data.system_prompt)
+    ev = Evaluation(
+        params=p,
+        final_model=final_model,
+        sft_model=sft_model,
+        tokenizer=tokenizer,
+        judge=judge,
+        judge_name=judge_name if judge_name == pp.judge else "verifier (preference.judge is import)",
+        items=items,
+        prompts=[tasks.item_prompt(item, p.data.system_prompt or None) for item in items],
+        probe=make_probe(p, tokenizer, kl_prompts, heldout_pairs, heldout_cache, batch_size),
+        final_benchmarks=final_scores,
+        baseline_benchmarks=baseline,
+        pair_sets=pair_sets,
+        eval_texts=collect_eval_texts(SPLITS, template_items=template_items),
+    )
+    metrics, judgments, perf = run_evaluation(ev)
     io.write_jsonl(JUDGMENTS, judgments)
-    export_human_sheet(judgments, SHEET, KEY, p.evaluate.human_eval_sheet, seed=p.seed,
-                       bootstrap_samples=p.evaluate.bootstrap_samples,
-                       meta={"final": str(FINAL), "baseline": str(SFT), "prompts": str(SPLITS / "eval.jsonl")})
-    io.write_json("metrics/evaluate.json", {**metrics, "selected_round": info["selected_round"],
-                                            "selected_reference": info["reference"],
-                                            "final_model_hash": info["model_hash"], "chip": chip,
-                                            "batch_size": batch_size})
-    io.write_json("metrics/perf/evaluate.json", {**perf, "export_seconds": t1 - t0, "benchmark_seconds": t2 - t1,
-                                                 "total_seconds": time.perf_counter() - t0, "chip": chip,
-                                                 "batch_size": batch_size})
+    export_human_sheet(
+        judgments,
+        SHEET,
+        KEY,
+        p.evaluate.human_eval_sheet,
+        seed=p.seed,
+        bootstrap_samples=p.evaluate.bootstrap_samples,
+        meta={"final": str(FINAL), "baseline": str(SFT), "prompts": str(SPLITS / "eval.jsonl")},
+    )
+    io.write_json(
+        METRICS,
+        {
+            **metrics,
+            "selected_round": info["selected_round"],
+            "selected_reference": info["reference"],
+            "final_model_hash": info["model_hash"],
+            "chip": chip,
+            "batch_size": batch_size,
+        },
+    )
+    io.write_json(
+        "metrics/perf/evaluate.json",
+        {
+            **perf,
+            "export_seconds": t1 - t0,
+            "benchmark_seconds": t2 - t1,
+            "total_seconds": time.perf_counter() - t0,
+            "chip": chip,
+            "batch_size": batch_size,
+        },
+    )
     fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
-    click.echo(f"evaluate: retention {fmt(metrics['retention'])} %, win rate {fmt(metrics['win_rate'])} "
-               f"[{fmt(metrics['win_rate_ci_low'])}, {fmt(metrics['win_rate_ci_high'])}], KL {fmt(metrics['kl'])}, "
-               f"held-out gap {fmt(metrics['heldout_gap'])}, contaminated pairs {metrics['contaminated_pairs']}")
+    click.echo(
+        f"evaluate: retention {fmt(metrics['retention'])} %, win rate {fmt(metrics['win_rate'])} "
+        f"[{fmt(metrics['win_rate_ci_low'])}, {fmt(metrics['win_rate_ci_high'])}], KL {fmt(metrics['kl'])}, "
+        f"held-out gap {fmt(metrics['heldout_gap'])}, contaminated pairs {metrics['contaminated_pairs']}"
+    )
+
+
+def _decide(p) -> dict:
+    metrics = io.read_json(METRICS)
+    iterate = io.read_json(ITERATE_METRICS) if ITERATE_METRICS.is_file() else None
+    deploy = {**decide(metrics, p, iterate), "model": str(FINAL)}
+    curves = {
+        chart: {
+            name: read_tsv(Path("dvclive") / stage / "plots" / "metrics" / f"{key}.tsv")
+            for name, (stage, key) in series.items()
+        }
+        for chart, series in CURVES.items()
+    }
+    io.write_json(REPORTS / "deploy.json", deploy)
+    write_report(
+        REPORTS,
+        ReportInputs(
+            evaluate=metrics,
+            deploy=deploy,
+            iterate=iterate,
+            curves=curves,
+            params=p,
+            files={
+                "final_model": str(FINAL),
+                "deploy": str(REPORTS / "deploy.json"),
+                "sheet": str(SHEET),
+                "key": str(KEY),
+            },
+        ),
+    )
+    return deploy
 
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
-@click.option("--decide", is_flag=True, help="Write reports/deploy.json, report.md and report.html from the metrics.")
-@click.option("--human-ratings", "ratings", type=click.Path(exists=True, dir_okay=False),
-              help="A filled-in human_eval_sheet.csv: print the human win rate (same function as the automatic one).")
-@click.option("--key", "key_path", default=str(KEY), show_default=True, type=click.Path(dir_okay=False),
-              help="The sheet's key (which side is which model), for --human-ratings.")
-def main(params_path: str, decide: bool, ratings: str | None, key_path: str) -> None:
+@click.option(
+    "--decide",
+    "decide_only",
+    is_flag=True,
+    help="Write reports/deploy.json, report.md and report.html from the metrics.",
+)
+@click.option(
+    "--human-ratings",
+    "ratings",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A filled-in human_eval_sheet.csv: print the human win rate (same function as the automatic one).",
+)
+@click.option(
+    "--key",
+    "key_path",
+    default=str(KEY),
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The sheet's key (which side is which model), for --human-ratings.",
+)
+def main(params_path: str, decide_only: bool, ratings: str | None, key_path: str) -> None:
     p = load_params(params_path)
     if ratings:
         result = import_human_ratings(ratings, key_path)
         io.write_json("metrics/human_eval.json", result)
         fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
-        click.echo(f"human win rate {fmt(result['win_rate'])} [{fmt(result['ci_low'])}, {fmt(result['ci_high'])}] "
-                   f"from {result['rated']} rated rows ({result['wins']} wins, {result['ties']} ties, "
-                   f"{result['losses']} losses; {result['unrated']} not rated) -> metrics/human_eval.json")
+        click.echo(
+            f"human win rate {fmt(result['win_rate'])} [{fmt(result['ci_low'])}, {fmt(result['ci_high'])}] "
+            f"from {result['rated']} rated rows ({result['wins']} wins, {result['ties']} ties, "
+            f"{result['losses']} losses; {result['unrated']} not rated) -> metrics/human_eval.json"
+        )
         ok = result["ci_low"] is not None and result["ci_low"] > p.evaluate.min_win_rate_lower
-        click.echo("alignment improved by human judgment (lower bound > evaluate.min_win_rate_lower)" if ok else
-                   "no clear improvement by human judgment (lower bound <= evaluate.min_win_rate_lower)")
+        click.echo(
+            "alignment improved by human judgment (lower bound > evaluate.min_win_rate_lower)"
+            if ok
+            else "no clear improvement by human judgment (lower bound <= evaluate.min_win_rate_lower)"
+        )
         return
-    if decide:
-        deploy = write_report(Path("."), p)
-        click.echo(f"deploy: {str(deploy['deploy']).lower()} -> reports/deploy.json, reports/report.html")
+    if decide_only:
+        deploy = _decide(p)
+        click.echo(f"deploy: {str(deploy['deploy']).lower()} -> {REPORTS / 'deploy.json'}, {REPORTS / 'report.html'}")
         for reason in deploy["reasons"]:
             click.echo(f"  - {reason}")
         if deploy.get("rollback"):

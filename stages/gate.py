@@ -3,14 +3,15 @@
 Passing writes gates/<stage>.passed (the dependency of the next stage); failing removes it and exits 1 with the
 failed checks and what to do next. Details go to metrics/gates/<stage>.json either way.
 """
+
 import sys
 from pathlib import Path
 
 import click
 
-from dpoflow import io
-from dpoflow.gates import evaluate_gate, metrics_path
-from dpoflow.params import load_params
+from dpoflow.eval.gates import evaluate_gate
+from dpoflow.runtime import io
+from dpoflow.runtime.params import load_params
 
 
 @click.command()
@@ -18,7 +19,7 @@ from dpoflow.params import load_params
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
 def main(stage: str, params_path: str) -> None:
     params = load_params(params_path)
-    path = metrics_path(stage)
+    path = Path("metrics") / f"{stage}.json"
     if not path.exists():
         raise click.ClickException(f"{path} not found: run the {stage} stage first (dvc repro {stage})")
     result = evaluate_gate(stage, io.read_json(path), params)

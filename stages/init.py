@@ -2,17 +2,20 @@
 dpo.finetune: full, a full-weights clone. Verifies the architectures, measures the initial KL on policy samples
 (must be ~0), and caches the reference log-probs of every chosen/rejected completion so Stage 5 never runs the
 reference."""
-import time
+
 from pathlib import Path
 
 import click
 import mlx.core as mx
 
-from dpoflow import io, tasks
-from dpoflow.data import read_pairs
-from dpoflow.params import load_params
-from dpoflow.policy import (build_policy, build_ref_logps, kl_prompt_messages, measure_kl, save_policy,
-                            trainable_parameter_count)
+from dpoflow.data import tasks
+from dpoflow.data.formats import read_pairs
+from dpoflow.eval.measure import KL_TEMPERATURE, kl_prompt_messages
+from dpoflow.modeling.policy import save_policy, trainable_parameter_count
+from dpoflow.modeling.reference import write_ref_logps
+from dpoflow.pipeline.init import initialize
+from dpoflow.runtime import io
+from dpoflow.runtime.params import load_params
 
 SFT = Path("models/sft")
 OUT = Path("models/policy_init")
@@ -28,46 +31,65 @@ def main(params_path: str) -> None:
     chip, batch_size = p.resolved_batch_size()
     click.echo(f"chip {chip}: batch size {batch_size}")
     mx.random.seed(p.seed)
-    t0 = time.perf_counter()
-    policy = build_policy(SFT, p.dpo.finetune, lora_rank=p.dpo.lora_rank, lora_scale=p.dpo.lora_scale,
-                          lora_layers=p.dpo.lora_layers, seed=p.seed, dtype=p.model.dtype)  # verifies the architecture
-    click.echo(f"policy: {p.dpo.finetune}, {trainable_parameter_count(policy.model):,} trainable parameters; "
-               "architecture matches the reference")
-
     prompts = kl_prompt_messages(tasks.read_split(HELDOUT_TASKS), p.init.kl_prompts, p.data.system_prompt)
-    t_kl = time.perf_counter()
-    kl = measure_kl(policy.model, policy.tokenizer, prompts, policy.reference, p.seed, p.init.kl_samples,
-                    p.init.kl_max_tokens)
-    t_cache = time.perf_counter()
     pairs = {split: read_pairs(path) for split, path in PAIRS.items()}
-    build_ref_logps(REF_LOGPS, policy, pairs, p.preference.max_seq_len, batch_size)
-    t_end = time.perf_counter()
-
+    policy, kl, logps, timings = initialize(p, SFT, pairs, prompts, batch_size)
+    click.echo(
+        f"policy: {p.dpo.finetune}, {trainable_parameter_count(policy.model):,} trainable parameters; "
+        "architecture matches the reference"
+    )
+    write_ref_logps(REF_LOGPS, logps, pairs, p.preference.max_seq_len, policy.reference_hash)
     save_policy(policy, OUT, weights=False)  # LoRA: adapters (B = 0); full: the policy is the reference's weights
-    resolved = {"finetune": p.dpo.finetune, "lora_rank": p.dpo.lora_rank, "lora_scale": p.dpo.lora_scale,
-                "lora_layers": p.dpo.lora_layers, "adapter_config": policy.adapter_config,
-                "max_len": p.preference.max_seq_len, "dtype": p.model.dtype, "seed": p.seed,
-                "kl": {"prompts": p.init.kl_prompts, "samples": p.init.kl_samples, "max_tokens": p.init.kl_max_tokens,
-                       "temperature": 1.0, "prompts_file": str(HELDOUT_TASKS)}}
-    io.write_json("data/dpo_config.json", {
-        "dpo": resolved, "chip": chip, "batch_size": batch_size,
-        "reference": {"path": str(SFT), "model_hash": policy.reference_hash},
-        "ref_logps": {"path": str(REF_LOGPS), **{f"n_{s}_pairs": len(rows) for s, rows in pairs.items()}},
-    })
-    io.write_json("metrics/init.json", {
-        "initial_kl": kl["kl"], "initial_kl_seq": kl["kl_seq"], "initial_k3": kl["k3"],
-        "kl_n_tokens": kl["n_tokens"], "architecture_match": 1,
-        "n_train_pairs": len(pairs["train"]), "n_heldout_pairs": len(pairs["heldout"]),
-        "finetune": p.dpo.finetune, "trainable_parameters": trainable_parameter_count(policy.model),
-        "reference_hash": policy.reference_hash, "chip": chip, "batch_size": batch_size,
-    })
+    resolved = {
+        "finetune": p.dpo.finetune,
+        "lora_rank": p.dpo.lora_rank,
+        "lora_scale": p.dpo.lora_scale,
+        "lora_layers": p.dpo.lora_layers,
+        "adapter_config": policy.adapter_config,
+        "max_len": p.preference.max_seq_len,
+        "dtype": p.model.dtype,
+        "seed": p.seed,
+        "kl": {
+            "prompts": p.init.kl_prompts,
+            "samples": p.init.kl_samples,
+            "max_tokens": p.init.kl_max_tokens,
+            "temperature": KL_TEMPERATURE,
+            "prompts_file": str(HELDOUT_TASKS),
+        },
+    }
+    io.write_json(
+        "data/dpo_config.json",
+        {
+            "dpo": resolved,
+            "chip": chip,
+            "batch_size": batch_size,
+            "reference": {"path": str(SFT), "model_hash": policy.reference_hash},
+            "ref_logps": {"path": str(REF_LOGPS), **{f"n_{s}_pairs": len(rows) for s, rows in pairs.items()}},
+        },
+    )
+    io.write_json(
+        "metrics/init.json",
+        {
+            "initial_kl": kl["kl"],
+            "initial_kl_seq": kl["kl_seq"],
+            "initial_k3": kl["k3"],
+            "kl_n_tokens": kl["n_tokens"],
+            "architecture_match": 1,
+            "n_train_pairs": len(pairs["train"]),
+            "n_heldout_pairs": len(pairs["heldout"]),
+            "finetune": p.dpo.finetune,
+            "trainable_parameters": trainable_parameter_count(policy.model),
+            "reference_hash": policy.reference_hash,
+            "chip": chip,
+            "batch_size": batch_size,
+        },
+    )
+    io.write_json("metrics/perf/init.json", timings)
     n_pairs = sum(len(rows) for rows in pairs.values())
-    io.write_json("metrics/perf/init.json", {
-        "setup_seconds": t_kl - t0, "kl_seconds": t_cache - t_kl, "ref_logps_seconds": t_end - t_cache,
-        "ref_logps_pairs_per_sec": n_pairs / (t_end - t_cache) if t_end > t_cache else 0.0,
-    })
-    click.echo(f"init: initial KL {kl['kl']:.3g} over {kl['n_tokens']} sampled tokens; reference log-probs of "
-               f"{n_pairs} pairs -> {REF_LOGPS}")
+    click.echo(
+        f"init: initial KL {kl['kl']:.3g} over {kl['n_tokens']} sampled tokens; reference log-probs of "
+        f"{n_pairs} pairs -> {REF_LOGPS}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,27 +1,36 @@
 """Stage 6: iterative training. On-policy rounds from the Stage 5 policy: fresh prompts (data/tasks/rounds.jsonl),
-judged, validated (Stage 2's checks), reference log-probs, a DPO pass (Stage 5's train_dpo, KL rule included);
+judged, validated (Stage 2's checks), reference log-probs, a DPO pass (Stage 5's training, KL rule included);
 after each round KL / held-out gap / task accuracy / benchmarks against SFT, compared with the previous round:
 continue, roll back (and stop) or stop as converged. Writes models/selected (the best eligible round), the round
 pairs and quarantine (data/rounds/), metrics/iterate.json, dvclive/iterate (step = round) and reports/iterate.md."""
+
 import logging
 import shutil
 from pathlib import Path
 
 import click
 import mlx.core as mx
-from dvclive import Live
 
-from dpoflow import benchmarks, dpo, io, judges, models, tasks
-from dpoflow.data import read_pairs, write_pairs, write_quarantine
-from dpoflow.iterate import (EvalContext, IterateSettings, log_rounds, make_pair_gate, render_iterate_report,
-                             run_iteration, save_selected)
-from dpoflow.params import load_params
-from dpoflow.policy import kl_prompt_messages, read_ref_logps
-from dpoflow.preference import PreferenceConfig, collect_eval_texts
+from dpoflow.data import judges, tasks
+from dpoflow.data.decontamination import collect_eval_texts
+from dpoflow.data.formats import read_pairs
+from dpoflow.data.pairs import write_pairs, write_quarantine
+from dpoflow.eval import benchmarks
+from dpoflow.eval.measure import kl_prompt_messages, make_probe
+from dpoflow.eval.rounds import finite
+from dpoflow.modeling import loading
+from dpoflow.modeling.chain import save_selected
+from dpoflow.modeling.reference import read_ref_logps
+from dpoflow.pipeline.iterate import Rounds, run_iteration
+from dpoflow.reporting.iterate_report import render_iterate_report
+from dpoflow.runtime import io
+from dpoflow.runtime.params import load_params
+from dpoflow.training.dpo import STAGE_KEYS
+
+from live_logger import DvcLiveLogger, live_logger
 
 SFT = Path("models/sft")
 DPO = Path("models/dpo")
-REWARD = Path("models/reward")
 SPLITS = Path("data/tasks")
 ROUNDS = SPLITS / "rounds.jsonl"
 HELDOUT_TASKS = SPLITS / "heldout.jsonl"
@@ -29,8 +38,24 @@ HELDOUT_PAIRS = Path("data/heldout_pairs.parquet")
 REF_LOGPS = Path("data/ref_logps.safetensors")
 OUT = Path("models/selected")
 ROUND_PAIRS = Path("data/rounds")
-WORK = Path("checkpoints/iterate")  
+WORK = Path("checkpoints/iterate")  # round states of a killed run (not a DVC output)
 
+
+def log_rounds(logger: DvcLiveLogger | None, rounds: list[dict]) -> None:
+    """Curves across rounds (one step per round): the measurements and the pairs of every round."""
+    if logger is None:
+        return
+    for record in rounds:
+        values = {
+            key: record.get(key)
+            for key in ("kl", "heldout_gap", "heldout_accuracy", "heldout_margin", "task_accuracy", "benchmark_mean")
+        }
+        pairs = record.get("pairs") or {}
+        values["n_pairs"] = pairs.get("n_pairs")
+        values["pairs_avg_gap"] = pairs.get("avg_gap")
+        train = (record.get("dpo") or {}).get("train") or {}
+        values["train_margin"] = train.get("rewards/margins")
+        logger.log_step({key: float(value) for key, value in values.items() if finite(value)})
 
 
 @click.command()
@@ -41,44 +66,69 @@ def main(params_path: str) -> None:
     chip, batch_size = p.resolved_batch_size()
     click.echo(f"chip {chip}: batch size {batch_size}")
     mx.random.seed(p.seed)
-    s = IterateSettings.from_params(p, batch_size)
-    pp = p.preference
-    reward_path = Path(getattr(pp, "reward_model_path", REWARD))
-    judge = judges.make_judge(pp.judge, import_path=pp.import_path, batch_size=batch_size,
-                              reward_model_path=reward_path)
-    if s.rounds > 0 and not judge.generates:
-        raise click.ClickException("iterative training judges the policy's own samples: preference.judge must be "
-                                   "verifier or reward_model, not import; set iterate.rounds: 0 to skip Stage 6")
-    sft_hash = models.model_hash(SFT)
+    pp, it = p.preference, p.iterate
+    judge = judges.make_judge(
+        pp.judge, import_path=pp.import_path, batch_size=batch_size, reward_model_path=pp.reward_model_path
+    )
+    if it.rounds > 0 and not judge.generates:
+        raise click.ClickException(
+            "iterative training judges the policy's own samples: preference.judge must be "
+            "verifier or reward_model, not import; set iterate.rounds: 0 to skip Stage 6"
+        )
+    sft_hash = loading.model_hash(SFT)
     round_items = tasks.read_split(ROUNDS)
     heldout_items = tasks.read_split(HELDOUT_TASKS)
     heldout_pairs = read_pairs(HELDOUT_PAIRS)
-    heldout_cache = read_ref_logps(REF_LOGPS, {"heldout": heldout_pairs}, max_len=p.preference.max_seq_len,
-                                   reference_hash=sft_hash)["heldout"]
-    sft_model, _ = models.load_model(SFT, dtype=p.model.dtype)
+    heldout_cache = read_ref_logps(
+        REF_LOGPS, {"heldout": heldout_pairs}, max_len=pp.max_seq_len, reference_hash=sft_hash
+    )["heldout"]
+    sft_model, tokenizer = loading.load_model(SFT, dtype=p.model.dtype)
     sft_model.freeze()
     template_items = tasks.read_split(SPLITS / "pref_prompts.jsonl") + round_items
     eval_texts = collect_eval_texts(SPLITS, template_items=template_items)
 
     def benchmark_fn(model_dir: Path) -> dict:  # same tasks and settings as Stage 1 (stages/sft.py)
-        bench = benchmarks.run_benchmarks(model_dir, p.benchmarks.tasks, include_path=SPLITS / "lm_eval",
-                                          limit=p.benchmarks.limit, seed=p.seed, batch_size=p.benchmarks.batch_size)
+        bench = benchmarks.run_benchmarks(
+            model_dir,
+            p.benchmarks.tasks,
+            include_path=SPLITS / "lm_eval",
+            limit=p.benchmarks.limit,
+            seed=p.seed,
+            batch_size=p.benchmarks.batch_size,
+        )
         return {name: r["score"] for name, r in bench.items()}
 
-    ctx = EvalContext(sft_dir=SFT, sft_model=sft_model,
-                      kl_prompts=kl_prompt_messages(heldout_items, p.init.kl_prompts, p.data.system_prompt),
-                      heldout_pairs=heldout_pairs, heldout_sft_logps=heldout_cache, heldout_items=heldout_items,
-                      beta=p.dpo.beta, length_normalize=p.dpo.length_normalize,
-                      benchmark_fn=benchmark_fn if p.benchmarks.tasks else None, work_dir=WORK)
-    dpo_params = {k: getattr(p.dpo, k) for k in dpo.STAGE_KEYS}
-    fingerprint = repr((s, dpo_params, p.preference, p.init, p.benchmarks, p.seed, batch_size,
-                        io.files_hash(SFT, DPO, ROUNDS, HELDOUT_TASKS, HELDOUT_PAIRS, SPLITS / "lm_eval")
-                        + (io.files_hash(reward_path) if pp.judge == "reward_model" else "")))
-    result = run_iteration(
-        sft_dir=SFT, dpo_dir=DPO, round_items=round_items, judge=judge,
-        preference_config=PreferenceConfig.from_params(p), eval_texts=eval_texts,
-        pair_gate=make_pair_gate(p, s.min_pairs), dpo_params=p.dpo, settings=s, ctx=ctx, work_dir=WORK,
-        fingerprint=fingerprint, rounds_origin=str(ROUNDS), log=click.echo)
+    kl_prompts = kl_prompt_messages(heldout_items, p.init.kl_prompts, p.data.system_prompt)
+    probe = make_probe(p, tokenizer, kl_prompts, heldout_pairs, heldout_cache, batch_size, accuracy_items=heldout_items)
+    dpo_params = {k: getattr(p.dpo, k) for k in STAGE_KEYS}
+    fingerprint = repr(
+        (
+            it,
+            dpo_params,
+            p.preference,
+            p.init,
+            p.benchmarks,
+            p.seed,
+            batch_size,
+            io.files_hash(SFT, DPO, ROUNDS, HELDOUT_TASKS, HELDOUT_PAIRS, SPLITS / "lm_eval")
+            + (io.files_hash(pp.reward_model_path) if pp.judge == "reward_model" else ""),
+        )
+    )
+    ctx = Rounds(
+        params=p,
+        batch_size=batch_size,
+        sft_dir=SFT,
+        sft_model=sft_model,
+        judge=judge,
+        probe=probe,
+        heldout_pairs=heldout_pairs,
+        eval_texts=eval_texts,
+        work_dir=WORK,
+        benchmark_fn=benchmark_fn if p.benchmarks.tasks else None,
+        fingerprint=fingerprint,
+        log=click.echo,
+    )
+    result = run_iteration(ctx, DPO, round_items, origin=str(ROUNDS))
 
     with io.atomic_path(ROUND_PAIRS) as tmp:  # every round's pairs (Stage 7 checks their contamination)
         tmp.mkdir(parents=True)
@@ -86,21 +136,31 @@ def main(params_path: str) -> None:
             write_pairs(pairs, tmp / f"round_{k}.parquet")
         write_quarantine(result.quarantined, tmp / "quarantine.jsonl")  # screened-out prompts, rejected pairs
     selected = result.selected
-    save_selected(OUT, result.chains[result.selected_round], {
-        "round": result.selected_round, "reference": selected.get("reference"),
-        "iterate_reference": s.reference, "reference_hash": sft_hash, "sft": str(SFT),
-        "chain_rounds": list(range(len(result.chains[result.selected_round])))
-        if s.reference == "previous" else [result.selected_round]})
+    save_selected(
+        OUT,
+        result.chains[result.selected_round],
+        {
+            "round": result.selected_round,
+            "reference": selected.get("reference"),
+            "iterate_reference": it.reference,
+            "reference_hash": sft_hash,
+            "sft": str(SFT),
+            "chain_rounds": list(range(len(result.chains[result.selected_round])))
+            if it.reference == "previous"
+            else [result.selected_round],
+        },
+    )
     metrics = {**result.metrics(), "chip": chip, "batch_size": batch_size}
     io.write_json("metrics/iterate.json", metrics)
     io.write_json("metrics/perf/iterate.json", {**result.perf, "chip": chip, "batch_size": batch_size})
     io.write_text("reports/iterate.md", render_iterate_report(metrics))
-    shutil.rmtree("dvclive/iterate", ignore_errors=True)  # curves of this run only
-    with Live("dvclive/iterate", save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        log_rounds(live, result.rounds)
+    with live_logger("dvclive/iterate", fresh=True) as logger:  # curves of this run only
+        log_rounds(logger, result.rounds)
     shutil.rmtree(WORK, ignore_errors=True)  # artifacts are written: nothing left to resume
-    click.echo(f"iterate: {result.decision}; selected round {result.selected_round} (KL {metrics['selected_kl']}, "
-               f"held-out gap {metrics['selected_heldout_gap']}); {metrics['n_rounds_run']} round(s) run")
+    click.echo(
+        f"iterate: {result.decision}; selected round {result.selected_round} (KL {metrics['selected_kl']}, "
+        f"held-out gap {metrics['selected_heldout_gap']}); {metrics['n_rounds_run']} round(s) run"
+    )
 
 
 if __name__ == "__main__":

@@ -2,16 +2,30 @@
 pairs (training and held-out), validate them (lengths, conflicts, duplicates, decontamination against every
 evaluation set), regenerate on weak data, and write the pairs, the quarantine, the data report and the metrics the
 gate reads. With `preference.judge: import`, load `preference.import_path` instead of generating."""
+
 from pathlib import Path
 
 import click
 
-from dpoflow import judges, models, tasks
-from dpoflow.params import load_params
-from dpoflow.preference import PreferenceConfig, build_preference_data, collect_eval_texts, write_outputs
+from dpoflow.data import judges, tasks
+from dpoflow.data.decontamination import collect_eval_texts
+from dpoflow.modeling import loading
+from dpoflow.pipeline import preference
+from dpoflow.runtime.params import load_params
 
 SPLITS = Path("data/tasks")
+PROMPTS = SPLITS / "pref_prompts.jsonl"
+HELDOUT = SPLITS / "heldout.jsonl"
 MODEL = Path("models/sft")
+OUT = preference.PreferenceOutputs(
+    pairs=Path("data/pairs.parquet"),
+    pairs_jsonl=Path("data/pairs.jsonl"),
+    heldout_pairs=Path("data/heldout_pairs.parquet"),
+    quarantine=Path("data/quarantine.jsonl"),
+    report=Path("reports/preference_data.md"),
+    metrics=Path("metrics/preference_data.json"),
+    perf=Path("metrics/perf/preference_data.json"),
+)
 
 
 @click.command()
@@ -20,23 +34,33 @@ def main(params_path: str) -> None:
     p = load_params(params_path)
     chip, batch_size = p.resolved_batch_size()
     pp = p.preference
-    config = PreferenceConfig.from_params(p)
-    click.echo(f"chip {chip}: batch size {batch_size} (reward model), generation batch {config.generation_batch_size}")
-    judge = judges.make_judge(pp.judge, import_path=pp.import_path, batch_size=batch_size,
-                              reward_model_path=getattr(pp, "reward_model_path", "models/reward"))
+    click.echo(f"chip {chip}: batch size {batch_size} (reward model), generation batch {pp.generation_batch_size}")
+    judge = judges.make_judge(
+        pp.judge, import_path=pp.import_path, batch_size=batch_size, reward_model_path=pp.reward_model_path
+    )
     # The import judge needs only the tokenizer (length checks): lazy loading leaves the weights on disk.
-    model, tokenizer = models.load_model(MODEL, dtype=p.model.dtype, lazy=not judge.generates)
-    items = tasks.read_split(SPLITS / "pref_prompts.jsonl") if judge.generates else []
-    heldout = tasks.read_split(SPLITS / "heldout.jsonl") if judge.generates else []
+    model, tokenizer = loading.load_model(MODEL, dtype=p.model.dtype, lazy=not judge.generates)
+    items = tasks.read_split(PROMPTS) if judge.generates else []
+    heldout = tasks.read_split(HELDOUT) if judge.generates else []
     eval_texts = collect_eval_texts(SPLITS, template_items=items)
-    result = build_preference_data(
-        config, judge, model=model, tokenizer=tokenizer, items=items, heldout_items=heldout, eval_texts=eval_texts,
-        items_origin=str(SPLITS / "pref_prompts.jsonl"), heldout_origin=str(SPLITS / "heldout.jsonl"), log=click.echo)
-    write_outputs(result, perf_extra={"chip": chip, "batch_size": batch_size})
-    m = result.metrics()
-    click.echo(f"preference data: {m['n_pairs']} pairs (avg gap {m['avg_gap']:.3f}, decontamination "
-               f"{m['decontamination']:.3f}) from {m['n_prompts']} prompts in {m['passes']} pass(es); "
-               f"{m['n_quarantined']} quarantined; {m['heldout_pairs']} held-out pairs")
+    result = preference.run(
+        p,
+        judge,
+        model=model,
+        tokenizer=tokenizer,
+        items=items,
+        heldout_items=heldout,
+        eval_texts=eval_texts,
+        items_origin=str(PROMPTS),
+        heldout_origin=str(HELDOUT),
+        log=click.echo,
+    )
+    m = preference.write_outputs(result, OUT, perf_extra={"chip": chip, "batch_size": batch_size})
+    click.echo(
+        f"preference data: {m['n_pairs']} pairs (avg gap {m['avg_gap']:.3f}, decontamination "
+        f"{m['decontamination']:.3f}) from {m['n_prompts']} prompts in {m['passes']} pass(es); "
+        f"{m['n_quarantined']} quarantined; {m['heldout_pairs']} held-out pairs"
+    )
 
 
 if __name__ == "__main__":

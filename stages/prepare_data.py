@@ -3,12 +3,14 @@
 data/tasks/<split>.jsonl for sft_train, sft_val, pref_prompts, heldout, eval, rounds (disjoint by question),
 data/tasks/lm_eval/ (task YAMLs + data + manifest) for Stage 1 and Stage 7 benchmarks.
 """
+
 from pathlib import Path
 
 import click
 
-from dpoflow import benchmarks, io, tasks
-from dpoflow.params import load_params
+from dpoflow.data import benchmark_tasks, tasks
+from dpoflow.runtime import io
+from dpoflow.runtime.params import load_params
 
 OUT = Path("data/tasks")
 
@@ -21,7 +23,7 @@ def main(params_path: str) -> None:
     with io.atomic_path(OUT) as tmp:
         tmp.mkdir()
         tasks.write_splits(splits, tmp)
-        benchmarks.write_local_tasks(tmp / "lm_eval", splits, seed=p.seed)
+        benchmark_tasks.write_local_tasks(tmp / "lm_eval", splits, seed=p.seed)
     click.echo(", ".join(f"{name}: {len(items)}" for name, items in splits.items()))
 
 

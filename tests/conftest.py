@@ -1,4 +1,5 @@
 """Shared test fixtures: an offline environment, a tiny model built once, the real SmolLM2 on demand."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,9 @@ def pytest_configure(config):
     huggingface_hub and datasets read these variables once, at import time, so a fixture alone would be
     too late for them; the session fixture below re-applies them for code that reads them at call time.
     """
-    config.addinivalue_line("markers", "slow: needs the real SmolLM2 model or runs the whole pipeline "
-                                       "(deselect with -m 'not slow')")
+    config.addinivalue_line(
+        "markers", "slow: needs the real SmolLM2 model or runs the whole pipeline (deselect with -m 'not slow')"
+    )
     hf_home = tempfile.mkdtemp(prefix="dpoflow-test-hf-")
     config.add_cleanup(lambda: shutil.rmtree(hf_home, ignore_errors=True))
     os.environ.update(_offline_env(hf_home))
@@ -46,7 +48,7 @@ def offline_env() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random llama folder (seed 0), built once per session. Treat it as read-only."""
-    from dpoflow.models import make_tiny_model
+    from dpoflow.modeling.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
@@ -57,6 +59,6 @@ def smollm2_dir(tmp_path_factory):
 
     For `@pytest.mark.slow` tests only. Treat it as read-only.
     """
-    from dpoflow.models import resolve_base
+    from dpoflow.modeling.base import resolve_base
 
     return resolve_base(SMOLLM2_SPEC, tmp_path_factory.mktemp("real-models"))

@@ -10,6 +10,7 @@ metrics, gates and plots), as the real workflow does, so tests can `git clone` i
 remote config or the workspace beyond "edit a param, then restore it and repro" work on a clone (`clone_project`)
 with its own cache (the pipeline's objects hardlinked in, no run-cache shared) instead of the shared project.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,16 +34,20 @@ def ran(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
 
 
-def sh(project: Path, *args: str, env: dict[str, str] | None = None, check: bool = True,
-       timeout: int = 1800) -> subprocess.CompletedProcess:
+def sh(
+    project: Path, *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: int = 1800
+) -> subprocess.CompletedProcess:
     """`pipeline_project.run` with extra environment variables (credentials, ...)."""
     if env is None:
         return run(project, *args, check=check, timeout=timeout)
-    proc = subprocess.run(list(args), cwd=project, env={**env_for(project), **env}, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        list(args), cwd=project, env={**env_for(project), **env}, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
-                             f"--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+            f"--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -73,6 +78,7 @@ def link_cache_objects(src: Path, dst: Path) -> None:
     stage run in one project is never "restored from run-cache" in another."""
     objects = src / ".dvc" / "cache" / "files"
     if objects.exists():
+
         def link(a: str, b: str) -> None:
             try:
                 os.link(a, b)

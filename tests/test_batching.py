@@ -1,4 +1,5 @@
-"""Tests for dpoflow.batching: tokenization convention, truncation, length grouping, collation layout."""
+"""Tests for dpoflow.core.batching: tokenization convention, truncation, length grouping, collation layout."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -6,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 
-from dpoflow.batching import (
+from dpoflow.core.batching import (
     EncodedPair,
     PairBatch,
     collate_pairs,
@@ -92,7 +93,7 @@ def test_truncation_cuts_prompt_from_left_and_keeps_completions():
     enc = encode_pair(tok, PAIR, max_len=20)
     assert enc.truncated
     assert enc.chosen_ids == full.chosen_ids and enc.rejected_ids == full.rejected_ids
-    assert enc.prompt_ids == full.prompt_ids[-(20 - 6):]  # the end (generation prompt) survives
+    assert enc.prompt_ids == full.prompt_ids[-(20 - 6) :]  # the end (generation prompt) survives
     assert enc.max_length == 20
 
 
@@ -129,8 +130,10 @@ def test_length_grouped_batches_properties():
     assert batches != length_grouped_batches(lengths, bs, seed=4, epoch=0)
     # grouping: padding waste far below that of random batches
     arr = np.asarray(lengths)
+
     def waste(bs_list):
         return sum(arr[b].max() * len(b) - arr[b].sum() for b in bs_list)
+
     random_batches = [list(range(i, min(i + bs, len(arr)))) for i in range(0, len(arr), bs)]
     assert waste(batches) < 0.2 * waste(random_batches)
 

@@ -1,4 +1,5 @@
-"""dpoflow.data: import formats, quarantine reasons, canonical Parquet/JSONL round trip."""
+"""dpoflow.data.pairs: import formats, quarantine reasons, canonical Parquet/JSONL round trip."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dpoflow.data import (
-    PAIR_SCHEMA, DataFormatError, LoadResult, convert_rows, load_pairs, make_pair, pair_id, prompt_text,
-    read_pairs, write_pairs, write_quarantine,
+from dpoflow.data.formats import convert_rows, load_pairs, read_pairs
+from dpoflow.data.pairs import (
+    PAIR_SCHEMA,
+    DataFormatError,
+    LoadResult,
+    make_pair,
+    pair_id,
+    prompt_text,
+    write_pairs,
+    write_quarantine,
 )
 
 
@@ -72,8 +80,11 @@ def test_plain_format_with_unit_scores_and_task(tmp_path):
 
 
 def test_trl_explicit_prompt(tmp_path):
-    row = {"prompt": [{"role": "system", "content": "be brief"}, user("hi")],
-           "chosen": [assistant("hello")], "rejected": [assistant("go away")]}
+    row = {
+        "prompt": [{"role": "system", "content": "be brief"}, user("hi")],
+        "chosen": [assistant("hello")],
+        "rejected": [assistant("go away")],
+    }
     pair = only_pair(load_one(tmp_path, row))
     assert pair["prompt"] == [{"role": "system", "content": "be brief"}, user("hi")]
     assert (pair["chosen"], pair["rejected"]) == ("hello", "go away")
@@ -88,18 +99,25 @@ def test_trl_implicit_prompt_moves_shared_prefix(tmp_path):
 
 
 def test_trl_explicit_prompt_plus_shared_history(tmp_path):
-    row = {"prompt": [user("hi")], "chosen": [assistant("hello"), user("2+2?"), assistant("4")],
-           "rejected": [assistant("hello"), user("2+2?"), assistant("5")]}
+    row = {
+        "prompt": [user("hi")],
+        "chosen": [assistant("hello"), user("2+2?"), assistant("4")],
+        "rejected": [assistant("hello"), user("2+2?"), assistant("5")],
+    }
     pair = only_pair(load_one(tmp_path, row))
     assert pair["prompt"] == [user("hi"), assistant("hello"), user("2+2?")]
 
 
 def test_ultrafeedback_binarized_scores_normalized(tmp_path):
-    row = {"prompt": "Name a color.", "prompt_id": "abc",
-           "chosen": [user("Name a color."), assistant("Blue.")],
-           "rejected": [user("Name a color."), assistant("Seven.")],
-           "messages": [user("Name a color."), assistant("Blue.")],
-           "score_chosen": 8.5, "score_rejected": 3.0}
+    row = {
+        "prompt": "Name a color.",
+        "prompt_id": "abc",
+        "chosen": [user("Name a color."), assistant("Blue.")],
+        "rejected": [user("Name a color."), assistant("Seven.")],
+        "messages": [user("Name a color."), assistant("Blue.")],
+        "score_chosen": 8.5,
+        "score_rejected": 3.0,
+    }
     pair = only_pair(load_one(tmp_path, row))
     assert pair["prompt"] == [user("Name a color.")]  # the user turn is not duplicated
     assert (pair["chosen"], pair["rejected"]) == ("Blue.", "Seven.")
@@ -117,8 +135,10 @@ def test_score_scale_inferred_1_to_5_and_explicit(tmp_path):
 
 
 def test_score_out_of_range_is_quarantined(tmp_path):
-    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 7, "score_rejected": 0},
-            {"prompt": "q", "chosen": "a", "rejected": "c", "score_chosen": 42, "score_rejected": 1}]
+    rows = [
+        {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 7, "score_rejected": 0},
+        {"prompt": "q", "chosen": "a", "rejected": "c", "score_chosen": 42, "score_rejected": 1},
+    ]
     result = load_pairs(write_lines(tmp_path / "p.jsonl", rows))
     assert [q["field"] for q in result.quarantined] == ["score_rejected", "score_chosen"]
     assert all(q["reason"].startswith("score out of range") for q in result.quarantined)
@@ -141,23 +161,31 @@ def test_hh_without_leading_blank_lines(tmp_path):
     assert (pair["chosen"], pair["rejected"]) == ("hello", "bye")
 
 
-@pytest.mark.parametrize("row, reason", [
-    ({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hey"}, "no shared"),
-    ({"chosen": "preamble\n\nHuman: hi\n\nAssistant: a", "rejected": "preamble\n\nHuman: hi\n\nAssistant: b"},
-     "text before"),
-    ({"chosen": "\n\nAssistant: a\n\nAssistant: x", "rejected": "\n\nAssistant: a\n\nAssistant: y"},
-     "first turn"),
-    ({"chosen": "\n\nHuman: hi\n\nAssistant: a\n\nHuman: more", "rejected": "\n\nHuman: hi\n\nAssistant: b"},
-     "further turns"),
-])
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hey"}, "no shared"),
+        (
+            {"chosen": "preamble\n\nHuman: hi\n\nAssistant: a", "rejected": "preamble\n\nHuman: hi\n\nAssistant: b"},
+            "text before",
+        ),
+        ({"chosen": "\n\nAssistant: a\n\nAssistant: x", "rejected": "\n\nAssistant: a\n\nAssistant: y"}, "first turn"),
+        (
+            {"chosen": "\n\nHuman: hi\n\nAssistant: a\n\nHuman: more", "rejected": "\n\nHuman: hi\n\nAssistant: b"},
+            "further turns",
+        ),
+    ],
+)
 def test_hh_unparsable(tmp_path, row, reason):
     q = only_quarantined(load_one(tmp_path, row))
     assert q["reason"].startswith("unparsable HH transcript") and reason in q["reason"]
 
 
 def test_canonical_rows_round_trip(tmp_path):
-    pairs = [make_pair([user("q1")], "a", "b", 1.0, 0.0, task="arith", source="verifier"),
-             make_pair([{"role": "system", "content": "s"}, user("q2")], "c", "d")]
+    pairs = [
+        make_pair([user("q1")], "a", "b", 1.0, 0.0, task="arith", source="verifier"),
+        make_pair([{"role": "system", "content": "s"}, user("q2")], "c", "d"),
+    ]
     write_pairs(pairs, tmp_path / "pairs.parquet", tmp_path / "pairs.jsonl")
     assert pq.read_schema(tmp_path / "pairs.parquet").equals(PAIR_SCHEMA)
     assert read_pairs(tmp_path / "pairs.parquet") == pairs
@@ -177,19 +205,30 @@ def test_write_pairs_fills_missing_id_and_is_atomic(tmp_path):
 
 
 def test_parquet_import_locations_are_row_numbers(tmp_path):
-    rows = [{"prompt": "q1", "chosen": "a", "rejected": "b"},
-            {"prompt": "q2", "chosen": "same", "rejected": "same"},
-            {"prompt": "q3", "chosen": "a", "rejected": ""}]
+    rows = [
+        {"prompt": "q1", "chosen": "a", "rejected": "b"},
+        {"prompt": "q2", "chosen": "same", "rejected": "same"},
+        {"prompt": "q3", "chosen": "a", "rejected": ""},
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "plain.parquet")
     result = load_pairs(tmp_path / "plain.parquet")
     assert result.n_input == 3 and len(result.pairs) == 1
-    assert [q["location"] for q in result.quarantined] == [f"{tmp_path / 'plain.parquet'}:2",
-                                                           f"{tmp_path / 'plain.parquet'}:3"]
+    assert [q["location"] for q in result.quarantined] == [
+        f"{tmp_path / 'plain.parquet'}:2",
+        f"{tmp_path / 'plain.parquet'}:3",
+    ]
 
 
 def test_parquet_ultrafeedback_nested_messages(tmp_path):
-    rows = [{"prompt": "q", "chosen": [user("q"), assistant("good")], "rejected": [user("q"), assistant("bad")],
-             "score_chosen": 9.0, "score_rejected": 2.0}]
+    rows = [
+        {
+            "prompt": "q",
+            "chosen": [user("q"), assistant("good")],
+            "rejected": [user("q"), assistant("bad")],
+            "score_chosen": 9.0,
+            "score_rejected": 2.0,
+        }
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "uf.parquet")
     pair = only_pair(load_pairs(tmp_path / "uf.parquet", fmt="ultrafeedback"))
     assert pair["prompt"] == [user("q")] and pair["score_chosen"] == pytest.approx(8 / 9)
@@ -222,14 +261,22 @@ BAD_ROWS = [
     ({"prompt": 3, "chosen": "a", "rejected": "b"}, "prompt", "wrong type"),
     ({"prompt": "q", "chosen": "a", "rejected": ["b"]}, "rejected", "wrong type"),
     ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, "prompt[0].content", "missing field"),
-    ({"prompt": [{"role": "user", "content": 1}], "chosen": "a", "rejected": "b"}, "prompt[0].content",
-     "wrong type"),
-    ({"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "9", "score_rejected": 1}, "score_chosen",
-     "wrong type"),
-    ({"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": True, "score_rejected": 0}, "score_chosen",
-     "wrong type"),
-    ('{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": NaN, "score_rejected": 0}', "score_chosen",
-     "wrong type"),
+    ({"prompt": [{"role": "user", "content": 1}], "chosen": "a", "rejected": "b"}, "prompt[0].content", "wrong type"),
+    (
+        {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "9", "score_rejected": 1},
+        "score_chosen",
+        "wrong type",
+    ),
+    (
+        {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": True, "score_rejected": 0},
+        "score_chosen",
+        "wrong type",
+    ),
+    (
+        '{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": NaN, "score_rejected": 0}',
+        "score_chosen",
+        "wrong type",
+    ),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 0.5}, "score_rejected", "missing field"),
     ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "prompt", "empty string"),
     ({"prompt": "q", "chosen": "", "rejected": "b"}, "chosen", "empty string"),
@@ -237,10 +284,16 @@ BAD_ROWS = [
     ({"prompt": [], "chosen": "a", "rejected": "b"}, "prompt", "empty string"),
     ({"prompt": "q", "chosen": "same", "rejected": "same "}, "rejected", "chosen == rejected"),
     ({"prompt": "q", "chosen": "\ud800", "rejected": "b"}, "chosen", "invalid UTF-8"),
-    ({"chosen": [user("q"), assistant("a")], "rejected": [user("other"), assistant("b")]}, "rejected",
-     "invalid conversation"),
-    ({"chosen": [user("q"), assistant("a"), user("more")], "rejected": [user("q"), assistant("b")]}, "chosen",
-     "invalid conversation"),
+    (
+        {"chosen": [user("q"), assistant("a")], "rejected": [user("other"), assistant("b")]},
+        "rejected",
+        "invalid conversation",
+    ),
+    (
+        {"chosen": [user("q"), assistant("a"), user("more")], "rejected": [user("q"), assistant("b")]},
+        "chosen",
+        "invalid conversation",
+    ),
     ({"prompt": [user("q"), assistant("a")], "chosen": "a", "rejected": "b"}, "prompt", "invalid conversation"),
 ]
 
@@ -258,8 +311,7 @@ def test_each_quarantine_reason(tmp_path, row, field, reason):
 
 
 def test_over_long_rows(tmp_path):
-    rows = [{"prompt": "q", "chosen": "a" * 10, "rejected": "b"},
-            {"prompt": "q", "chosen": "a", "rejected": "b" * 3}]
+    rows = [{"prompt": "q", "chosen": "a" * 10, "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "b" * 3}]
     path = write_lines(tmp_path / "long.jsonl", rows)
     result = load_pairs(path, max_chars=5)
     assert len(result.pairs) == 1

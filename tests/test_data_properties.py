@@ -5,6 +5,7 @@ duplicate rows must each end as an accepted pair or a quarantine row with locati
 for Parquet files with any column types; a corrupt Parquet file is one DataFormatError naming it; a length limit
 quarantines exactly the over-long rows.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpoflow.data import (DataFormatError, convert_rows, load_pairs, prompt_text, read_pairs, write_pairs,
-                          write_quarantine)
-from dpoflow.training_metrics import validate_dpo_pairs
+from dpoflow.data.formats import convert_rows, load_pairs, read_pairs
+from dpoflow.data.pairs import DataFormatError, prompt_text, write_pairs, write_quarantine
+from dpoflow.data.validation import validate_dpo_pairs
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FIELDS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected", "task", "source")
@@ -40,39 +41,64 @@ messages = st.lists(
     ),
     max_size=4,
 )
-hh_turns = st.lists(st.tuples(st.sampled_from(["Human", "Assistant", "Human:", "Bot"]), st.text(max_size=10)),
-                    max_size=4).map(lambda turns: "".join(f"\n\n{role}: {text}" for role, text in turns))
-numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-20, 20), st.booleans(),
-                    st.integers(min_value=10**30, max_value=10**40))
+hh_turns = st.lists(
+    st.tuples(st.sampled_from(["Human", "Assistant", "Human:", "Bot"]), st.text(max_size=10)), max_size=4
+).map(lambda turns: "".join(f"\n\n{role}: {text}" for role, text in turns))
+numbers = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-20, 20),
+    st.booleans(),
+    st.integers(min_value=10**30, max_value=10**40),
+)
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                                 st.dictionaries(st.text(max_size=5), inner,
-                                                                                 max_size=3)),
-                           max_leaves=8)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+    max_leaves=8,
+)
 field_values = st.one_of(texts, messages, hh_turns, numbers, json_values)
 
 # mostly valid rows, so that accepted pairs (and duplicates, conflicts) occur often
 words = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=12)
 scores = st.one_of(st.floats(0, 1), st.integers(1, 10))
 valid_rows = st.one_of(
-    st.fixed_dictionaries({"prompt": words, "chosen": words, "rejected": words},
-                          optional={"score_chosen": scores, "score_rejected": scores}),
-    st.builds(lambda q, a, b: {"prompt": q, "chosen": [{"role": "user", "content": q},
-                                                      {"role": "assistant", "content": a}],
-                               "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": b}]},
-              words, words, words),
-    st.builds(lambda q, a, b: {"chosen": f"\n\nHuman: {q}\n\nAssistant: {a}",
-                               "rejected": f"\n\nHuman: {q}\n\nAssistant: {b}"}, words, words, words),
+    st.fixed_dictionaries(
+        {"prompt": words, "chosen": words, "rejected": words},
+        optional={"score_chosen": scores, "score_rejected": scores},
+    ),
+    st.builds(
+        lambda q, a, b: {
+            "prompt": q,
+            "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": b}],
+        },
+        words,
+        words,
+        words,
+    ),
+    st.builds(
+        lambda q, a, b: {
+            "chosen": f"\n\nHuman: {q}\n\nAssistant: {a}",
+            "rejected": f"\n\nHuman: {q}\n\nAssistant: {b}",
+        },
+        words,
+        words,
+        words,
+    ),
 )
 
 rows = st.one_of(
     valid_rows,
     st.dictionaries(st.sampled_from(FIELDS), field_values, max_size=len(FIELDS)),
-    st.fixed_dictionaries({"prompt": texts, "chosen": texts, "rejected": texts},
-                          optional={"score_chosen": numbers, "score_rejected": numbers}),
+    st.fixed_dictionaries(
+        {"prompt": texts, "chosen": texts, "rejected": texts},
+        optional={"score_chosen": numbers, "score_rejected": numbers},
+    ),
     st.fixed_dictionaries({"chosen": hh_turns, "rejected": hh_turns}),
-    st.fixed_dictionaries({"prompt": st.one_of(texts, messages), "chosen": messages, "rejected": messages},
-                          optional={"score_chosen": numbers, "score_rejected": numbers}),
+    st.fixed_dictionaries(
+        {"prompt": st.one_of(texts, messages), "chosen": messages, "rejected": messages},
+        optional={"score_chosen": numbers, "score_rejected": numbers},
+    ),
     json_values,
 )
 
@@ -86,11 +112,12 @@ lines = st.one_of(
     rows.map(encode_row),
     rows.map(encode_row).flatmap(lambda b: st.integers(0, max(len(b) - 1, 0)).map(lambda n: b[:n])),  # cut JSON
     st.binary(max_size=40),  # arbitrary bytes, mostly invalid UTF-8
-    st.sampled_from([b"\xff\xfe{}", b"{\"prompt\": \"\xc3\x28\"}", b"[" * 5000, b"1" * 5000, b"{}", b"null"]),
+    st.sampled_from([b"\xff\xfe{}", b'{"prompt": "\xc3\x28"}', b"[" * 5000, b"1" * 5000, b"{}", b"null"]),
 )
 files = st.lists(lines, max_size=12).flatmap(
     # duplicate rows: repeat some of the generated lines
-    lambda ls: st.lists(st.sampled_from(ls), max_size=4).map(lambda extra: ls + extra) if ls else st.just(ls))
+    lambda ls: st.lists(st.sampled_from(ls), max_size=4).map(lambda extra: ls + extra) if ls else st.just(ls)
+)
 
 LOCATION = re.compile(r"^.+:\d+$")
 
@@ -148,9 +175,14 @@ def test_any_in_memory_rows_are_fully_accounted_for(items):
 
 
 preference_graph = st.lists(
-    st.tuples(st.sampled_from(["p1", "p2"]), st.sampled_from("ABCD"), st.sampled_from("ABCD"),
-              st.one_of(st.none(), st.floats(0, 1))),
-    max_size=15)
+    st.tuples(
+        st.sampled_from(["p1", "p2"]),
+        st.sampled_from("ABCD"),
+        st.sampled_from("ABCD"),
+        st.one_of(st.none(), st.floats(0, 1)),
+    ),
+    max_size=15,
+)
 
 
 @SETTINGS
@@ -195,9 +227,18 @@ COLUMN_KINDS = {  # Parquet columns have one type each: every column of a file g
     "int": (pa.int64(), st.integers(-(2**40), 2**40)),
     "float": (pa.float64(), st.floats(allow_nan=True, allow_infinity=True)),
     "bool": (pa.bool_(), st.booleans()),
-    "messages": (pa.list_(MESSAGE), st.lists(st.fixed_dictionaries(
-        {"role": st.one_of(st.none(), st.sampled_from(["user", "assistant", "system", "", "Human"])),
-         "content": st.one_of(st.none(), parquet_texts)}), max_size=3)),
+    "messages": (
+        pa.list_(MESSAGE),
+        st.lists(
+            st.fixed_dictionaries(
+                {
+                    "role": st.one_of(st.none(), st.sampled_from(["user", "assistant", "system", "", "Human"])),
+                    "content": st.one_of(st.none(), parquet_texts),
+                }
+            ),
+            max_size=3,
+        ),
+    ),
 }
 
 
@@ -233,10 +274,12 @@ def test_a_corrupt_parquet_file_is_one_clear_error_naming_it(data):
         good = Path(tmp) / "good.parquet"
         pq.write_table(table, good)
         raw = good.read_bytes()
-        bad = data.draw(st.one_of(
-            st.integers(4, len(raw) - 1).map(lambda n: raw[:n]),                        # cut short
-            st.binary(min_size=0, max_size=200).map(lambda b: b"PAR1" + b + b"PAR1"),   # magic around garbage
-        ))
+        bad = data.draw(
+            st.one_of(
+                st.integers(4, len(raw) - 1).map(lambda n: raw[:n]),  # cut short
+                st.binary(min_size=0, max_size=200).map(lambda b: b"PAR1" + b + b"PAR1"),  # magic around garbage
+            )
+        )
         path = Path(tmp) / "pairs.parquet"
         path.write_bytes(bad)
         with pytest.raises(DataFormatError, match=rf"^{path}: file: unreadable Parquet"):

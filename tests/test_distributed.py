@@ -1,4 +1,4 @@
-"""Data-parallel training (dpoflow.distributed) equals single-process training at the same global batch.
+"""Data-parallel training (dpoflow.runtime.distributed) equals single-process training at the same global batch.
 
 One helper script runs a few steps of SFT (token-weighted NLL), DPO and the reward model (pair-weighted losses) on
 a tiny model, first as one process, then as 2 ranks under `mlx.launch --backend ring -n 2`. The global batch of 3
@@ -13,6 +13,7 @@ all-reduce), which changes gradients at the 1e-7 relative level, and Adam's per-
 that into up to ~1% of one step's update for near-cancelling components. After 5-6 steps at lr 1e-3 the measured
 max difference is 2.4e-5 (weights of magnitude ~0.1-1); the test allows atol 1e-4 + rtol 1e-3.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,19 @@ ROOT = Path(__file__).resolve().parent.parent
 LOSS_RTOL = 1e-5
 METRIC_RTOL = 1e-4
 WEIGHT_RTOL, WEIGHT_ATOL = 1e-3, 1e-4
-METRIC_KEYS = ("grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                      "rewards/accuracies", "logps/chosen", "logps/rejected", "accuracy", "margin_mean",
-                      "reward_mean", "learning_rate")
+METRIC_KEYS = (
+    "grad_norm",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "accuracy",
+    "margin_mean",
+    "reward_mean",
+    "learning_rate",
+)
 
 HELPER = textwrap.dedent('''
     """Run SFT, DPO and reward-model training for a few steps on a tiny model; rank 0 writes <out>/<mode>/."""
@@ -46,8 +57,18 @@ HELPER = textwrap.dedent('''
     import numpy as np
     from mlx.utils import tree_flatten
 
-    from dpoflow import distributed, io, models, tasks
-    from dpoflow.data import make_pair
+    from dpoflow.core.batching import ChosenRejected, encode_pair
+    from dpoflow.data import tasks
+    from dpoflow.data.pairs import make_pair
+    from dpoflow.eval.measure import Probe, measure_policy
+    from dpoflow.modeling.loading import load_model
+    from dpoflow.modeling.lora import attach_lora
+    from dpoflow.modeling.reward_model import build_reward_model
+    from dpoflow.runtime import distributed, io
+    from dpoflow.runtime.params import DpoParams, RewardModelParams, SftParams
+    from dpoflow.training.dpo import train_dpo
+    from dpoflow.training.reward import train_reward_model
+    from dpoflow.training.sft import run_sft
 
     model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     distributed.init("auto")
@@ -59,55 +80,52 @@ HELPER = textwrap.dedent('''
             for i, it in enumerate(splits["sft_train"])]
 
 
-    class Live:  # what the trainer logs (it logs on rank 0 only)
+    class Logger:  # what the trainer logs (it logs on rank 0 only)
         def __init__(self):
             self.history = []
 
-        def log_metric(self, key, value):
-            if key == "train/loss":
-                self.history.append({"loss": value})
+        def log_step(self, metrics):
+            self.history.append({"loss": metrics["train/loss"]})
 
-        def next_step(self):
-            pass
+        def restart(self, archive_as):
+            self.history = []
 
 
     def sft():
-        from dpoflow.sft import run_sft
-
-        model, tokenizer = models.load_model(model_dir)
+        model, tokenizer = load_model(model_dir)
         model.unfreeze()
-        live = Live() if distributed.is_main_process() else None
-        result = run_sft(model, tokenizer, splits["sft_train"], splits["sft_val"], system_prompt="Answer.", steps=6,
-                         learning_rate=1e-3, warmup_steps=1, max_seq_len=64, batch_size=3, val_every=100, seed=0,
-                         live=live)
-        return model, live.history if live else [], {k: result[k] for k in ("val_loss", "train_loss")}
+        logger = Logger() if distributed.is_main_process() else None
+        params = SftParams(steps=6, learning_rate=1e-3, warmup_steps=1, max_seq_len=64, val_every=100)
+        result = run_sft(model, tokenizer, [tasks.sft_row(i, "Answer.") for i in splits["sft_train"]],
+                         [tasks.sft_row(i, "Answer.") for i in splits["sft_val"]], params, batch_size=3, seed=0,
+                         logger=logger)
+        return model, logger.history if logger else [], {k: result[k] for k in ("val_loss", "train_loss")}
 
 
     def dpo(checkpoint_dir):
-        from dpoflow.dpo import train_dpo
-        from dpoflow.params import DpoParams
-
-        model, tokenizer = models.load_model(model_dir)
-        models.attach_lora(model, rank=4, scale=20.0, num_layers=2, seed=0)
+        model, tokenizer = load_model(model_dir)
+        attach_lora(model, rank=4, scale=20.0, num_layers=2, seed=0)
         rng = np.random.default_rng(0)
-        cache = {"chosen": rng.normal(-20, 3, len(rows)), "rejected": rng.normal(-22, 3, len(rows))}
+        cache = ChosenRejected(rng.normal(-20, 3, len(rows)), rng.normal(-22, 3, len(rows)))
         params = DpoParams(learning_rate=1e-3, max_steps=6, warmup_steps=1, kl_every=100, checkpoint_every=3,
                            kl_target=1e9, lora_layers=2)
+        probe = Probe(kl_prompts=[[{"role": "user", "content": "1 + 1 ="}]], kl_samples=1, kl_max_tokens=4, seed=0,
+                      heldout=[encode_pair(tokenizer, r, 64) for r in rows[:2]],
+                      heldout_ref_logps=ChosenRejected(cache.chosen[:2], cache.rejected[:2]), beta=params.beta,
+                      length_normalize=False, batch_size=6)
         history = []
-        result = train_dpo(model, tokenizer, rows, cache, rows[:2], {k: v[:2] for k, v in cache.items()},
-                           [[{"role": "user", "content": "1 + 1 ="}]], params, 3, 0, None, checkpoint_dir,
-                           max_len=64, kl_max_tokens=4, on_step=lambda step, m: history.append(dict(m)))
+        result = train_dpo(model, tokenizer, rows, cache, params, batch_size=3, seed=0, max_len=64,
+                           checkpoint_dir=checkpoint_dir, on_step=lambda step, m: history.append(dict(m)),
+                           measure=lambda step: measure_policy(model, tokenizer, probe, None)[0])
         return model, history, {k: result.metrics[k] for k in ("heldout_gap", "kl")}
 
 
     def reward_model():
-        from dpoflow.reward_model import build_reward_model, train_reward_model
-
-        model, tokenizer = models.load_model(model_dir)
+        model, tokenizer = load_model(model_dir)
         rm = build_reward_model(model, tokenizer, lora_rank=4, lora_layers=2, seed=0, max_seq_len=64)
         history = []
-        result = train_reward_model(rm, rows * 2, learning_rate=1e-3, epochs=1, batch_size=3, seed=0,
-                                    center_coef=0.01, val_fraction=0.3,
+        params = RewardModelParams(learning_rate=1e-3, epochs=1, center_coef=0.01, val_fraction=0.3)
+        result = train_reward_model(rm, rows * 2, params, batch_size=3, seed=0,
                                     on_step=lambda step, m: history.append(dict(m)))
         return rm, history, {k: result[k] for k in ("val_loss", "train_loss")}
 
@@ -169,11 +187,29 @@ def runs(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("distributed")
     script = tmp / "helper.py"
     script.write_text(HELPER)
-    single = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp / "single")], cwd=tmp,
-                            env=_env(), capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, str(script), str(tiny_model_dir), str(tmp / "single")],
+        cwd=tmp,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-4000:]
-    launch = [launcher, "--backend", "ring", "-n", "2", "-p", str(_free_port_pair()), "--python", sys.executable,
-              str(script), str(tiny_model_dir), str(tmp / "ranks")]
+    launch = [
+        launcher,
+        "--backend",
+        "ring",
+        "-n",
+        "2",
+        "-p",
+        str(_free_port_pair()),
+        "--python",
+        sys.executable,
+        str(script),
+        str(tiny_model_dir),
+        str(tmp / "ranks"),
+    ]
     ranks = subprocess.run(launch, cwd=tmp, env=_env(), capture_output=True, text=True, timeout=300)
     if ranks.returncode != 0 and "Traceback" not in ranks.stdout + ranks.stderr:
         pytest.skip(f"mlx.launch could not start 2 local ranks: {(ranks.stdout + ranks.stderr)[-800:]}")
@@ -185,8 +221,9 @@ def _assert_close_weights(a: Path, b: Path) -> None:
     wa, wb = mx.load(str(a)), mx.load(str(b))
     assert sorted(wa) == sorted(wb)
     for name in wa:
-        np.testing.assert_allclose(np.array(wb[name]), np.array(wa[name]), rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np.array(wb[name]), np.array(wa[name]), rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, err_msg=name
+        )
 
 
 def test_two_ranks_ran_and_only_rank_0_wrote(runs):
@@ -218,8 +255,9 @@ def test_checkpoint_written_by_rank_0_matches_single_process(runs):
     a, b = (run / "dpo" / "checkpoints" / "attempt_1" for run in (single, ranks))
     state_a, state_b = (json.loads((d / "state.json").read_text()) for d in (a, b))
     assert state_a["step"] == state_b["step"] == 3
-    assert [h["loss"] for h in state_b["history"]] == pytest.approx([h["loss"] for h in state_a["history"]],
-                                                                     rel=LOSS_RTOL)
+    assert [h["loss"] for h in state_b["history"]] == pytest.approx(
+        [h["loss"] for h in state_a["history"]], rel=LOSS_RTOL
+    )
     _assert_close_weights(a / "trainable.safetensors", b / "trainable.safetensors")
     _assert_close_weights(a / "optimizer.safetensors", b / "optimizer.safetensors")
     assert sorted(p.name for p in b.iterdir()) == sorted(p.name for p in a.iterdir())
@@ -249,8 +287,18 @@ def test_sft_stage_under_mlx_launch_matches_one_process_and_writes_once(tmp_path
     for out in ("models/sft", "metrics/sft.json", "metrics/perf/sft.json", "dvclive/sft"):
         shutil.rmtree(project / out) if (project / out).is_dir() else (project / out).unlink()
 
-    launch = [launcher, "--backend", "ring", "-n", "2", "-p", str(_free_port_pair()), "--python", sys.executable,
-              "stages/sft.py"]
+    launch = [
+        launcher,
+        "--backend",
+        "ring",
+        "-n",
+        "2",
+        "-p",
+        str(_free_port_pair()),
+        "--python",
+        sys.executable,
+        "stages/sft.py",
+    ]
     proc = subprocess.run(launch, cwd=project, env=env_for(project), capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Traceback" not in output, output[-6000:]

@@ -1,5 +1,6 @@
-"""Tests for dpoflow.evaluate and dpoflow.report (Stage 7): retention, win rate with ties and a bootstrap interval,
+"""Tests for dpoflow.eval and dpoflow.reporting (Stage 7): retention, win rate with ties and a bootstrap interval,
 the blind human sheet round trip, the contamination audit, the deploy decision and the report."""
+
 import csv
 import json
 import subprocess
@@ -7,32 +8,37 @@ from pathlib import Path
 
 import pytest
 
-from dpoflow import data, io, tasks
-from dpoflow.evaluate import (deploy_decision, export_human_sheet, find_contaminated_pairs, import_human_ratings,
-                              last_good_round, outcome_of, pairwise_judgments, read_human_ratings, retention, win_rate)
-from dpoflow.judges import Judge
-from dpoflow.params import CHIPS, parse_params
-from dpoflow.report import bar_chart, line_chart, read_tsv, write_report
-from dpoflow.training_metrics import validate_dpo_pairs
+from dpoflow.data import tasks
+from dpoflow.data.decontamination import find_contaminated_pairs
+from dpoflow.data.judges import Judge
+from dpoflow.data.pairs import make_pair
+from dpoflow.data.validation import validate_dpo_pairs
+from dpoflow.eval.deploy import deploy_decision, last_good_round
+from dpoflow.eval.human import export_human_sheet, import_human_ratings, read_human_ratings
+from dpoflow.eval.retention import retention
+from dpoflow.eval.win_rate import outcome_of, pairwise_judgments, win_rate
+from dpoflow.reporting.charts import bar_chart, line_chart, read_tsv
+from dpoflow.reporting.report import CURVES, ReportInputs, write_report
+from dpoflow.runtime import io
+from dpoflow.runtime.params import CHIPS, parse_params
 
 SYSTEM = "Reply with only the final answer."
 
 
 def params(**sections):
-    return parse_params({"batch_size": {c: 4 for c in CHIPS}, **sections})
+    return parse_params({"batch_size": dict.fromkeys(CHIPS, 4), **sections})
 
 
 # ------------------------------------------------------------------------------------------------ retention
 
 
 def test_retention_per_benchmark_and_overall():
-    out = retention({"a": 0.45, "b": 0.30, "c": 0.0, "d": 0.2},
-                    {"a": 0.50, "b": 0.30, "c": 0.0, "d": 0.0, "e": 0.4})
+    out = retention({"a": 0.45, "b": 0.30, "c": 0.0, "d": 0.2}, {"a": 0.50, "b": 0.30, "c": 0.0, "d": 0.0, "e": 0.4})
     per = out["retention_per_benchmark"]
     assert per["a"] == pytest.approx(90.0) and per["b"] == pytest.approx(100.0)
-    assert per["c"] == 100.0          # 0 -> 0: nothing lost
-    assert per["d"] is None           # 0 -> 0.2: a gain from nothing, no ratio, not counted
-    assert per["e"] == 0.0            # not measured on the final model: fail-safe 0
+    assert per["c"] == 100.0  # 0 -> 0: nothing lost
+    assert per["d"] is None  # 0 -> 0.2: a gain from nothing, no ratio, not counted
+    assert per["e"] == 0.0  # not measured on the final model: fail-safe 0
     assert out["counted"] == ["a", "b", "c", "e"]
     assert out["retention"] == pytest.approx((90 + 100 + 100 + 0) / 4)
     assert out["lowest_benchmark"] == "e"
@@ -41,7 +47,7 @@ def test_retention_per_benchmark_and_overall():
 
 def test_retention_edge_cases():
     assert retention({"a": 0.3}, {"a": 0.0})["retention"] == 100.0  # only gains
-    assert retention({}, {})["retention"] is None                  # nothing to compare: the gate fails
+    assert retention({}, {})["retention"] is None  # nothing to compare: the gate fails
     assert retention({"a": 0.6}, {"a": 0.4})["retention"] == pytest.approx(150.0)
 
 
@@ -56,10 +62,10 @@ def test_win_rate_ties_count_half_and_known_interval():
     # outcome variance 0.65 - 0.49 = 0.16 -> standard error 0.04 -> 95% interval ~ 0.7 +- 0.078
     assert out["ci_low"] == pytest.approx(0.7 - 1.96 * 0.04, abs=0.015)
     assert out["ci_high"] == pytest.approx(0.7 + 1.96 * 0.04, abs=0.015)
-    assert win_rate(outcomes, bootstrap_samples=4000, seed=0) == out                     # seeded
-    assert win_rate(list(reversed(outcomes)), bootstrap_samples=4000, seed=0) == out     # order-free
+    assert win_rate(outcomes, bootstrap_samples=4000, seed=0) == out  # seeded
+    assert win_rate(list(reversed(outcomes)), bootstrap_samples=4000, seed=0) == out  # order-free
     assert win_rate([1.0, 0.5, 0.0], 500)["win_rate"] == 0.5
-    assert win_rate([0.5] * 10, 500)[("ci_low")] == 0.5                                 # all ties: exactly 1/2
+    assert win_rate([0.5] * 10, 500)[("ci_low")] == 0.5  # all ties: exactly 1/2
     all_wins = win_rate([1.0] * 5, 500)
     assert (all_wins["win_rate"], all_wins["ci_low"], all_wins["ci_high"]) == (1.0, 1.0, 1.0)
     assert win_rate([], 500)["win_rate"] is None
@@ -71,7 +77,7 @@ def test_alignment_improved_only_when_the_interval_clears_one_half():
     p = params()
     base = {"retention": 100.0, "kl": 0.01, "heldout_gap": 0.3, "contaminated_pairs": 0}
     clear = win_rate([1.0] * 70 + [0.0] * 30, 2000)
-    unclear = win_rate([1.0] * 11 + [0.0] * 9, 2000)   # 0.55 but the interval includes 0.5
+    unclear = win_rate([1.0] * 11 + [0.0] * 9, 2000)  # 0.55 but the interval includes 0.5
     assert deploy_decision({**base, "win_rate_ci_low": clear["ci_low"]}, p)["deploy"] is True
     decision = deploy_decision({**base, "win_rate_ci_low": unclear["ci_low"]}, p)
     assert decision["deploy"] is False and decision["failed"] == ["win_rate_ci_low"]
@@ -86,17 +92,26 @@ class StubJudge(Judge):
 
 def test_pairwise_judgments_outcomes():
     prompts = [tasks.make_prompt(f"q{i}", SYSTEM) for i in range(4)]
-    j = pairwise_judgments(StubJudge(), [None] * 4, prompts, ["long answer", "a", "same", "xy"],
-                           ["short", "bbb", "same", "ab"])
+    j = pairwise_judgments(
+        StubJudge(), [None] * 4, prompts, ["long answer", "a", "same", "xy"], ["short", "bbb", "same", "ab"]
+    )
     assert [x["outcome"] for x in j] == [1.0, 0.0, 0.5, 0.5]  # longer wins; identical text; equal score
     assert outcome_of(0.2, 0.2) == 0.5 and outcome_of(1.0, 0.0) == 1.0 and outcome_of(0.0, 1.0) == 0.0
 
 
 def test_verifier_judged_win_rate_on_task_items():
-    from dpoflow.judges import make_judge
+    from dpoflow.data.judges import make_judge
 
-    items = [{"id": f"i{a}", "task": "basic_arithmetic", "question": f"{a} + 1 =", "answer": str(a + 1),
-              "metadata": {"task_config": {}}} for a in range(3)]
+    items = [
+        {
+            "id": f"i{a}",
+            "task": "basic_arithmetic",
+            "question": f"{a} + 1 =",
+            "answer": str(a + 1),
+            "metadata": {"task_config": {}},
+        }
+        for a in range(3)
+    ]
     prompts = [tasks.item_prompt(it, SYSTEM) for it in items]
     j = pairwise_judgments(make_judge("verifier"), items, prompts, ["1", "2", "7"], ["0", "2", "3"])
     assert [x["outcome"] for x in j] == [1.0, 0.5, 0.0]
@@ -109,9 +124,18 @@ def synthetic_judgments(n=40):
     out = []
     for i in range(n):
         outcome = (1.0, 0.5, 0.0)[i % 3] if i % 5 else 1.0
-        out.append({"index": i, "id": f"q{i}", "prompt": tasks.make_prompt(f"What is {i} + {i}?", SYSTEM),
-                    "final": f"reply {i} one", "baseline": f"reply {i} two", "score_final": outcome,
-                    "score_baseline": 0.5, "outcome": outcome})
+        out.append(
+            {
+                "index": i,
+                "id": f"q{i}",
+                "prompt": tasks.make_prompt(f"What is {i} + {i}?", SYSTEM),
+                "final": f"reply {i} one",
+                "baseline": f"reply {i} two",
+                "score_final": outcome,
+                "score_baseline": 0.5,
+                "outcome": outcome,
+            }
+        )
     return out
 
 
@@ -178,19 +202,30 @@ def test_human_sheet_subset_blank_rows_and_bad_values(tmp_path):
 
 
 def test_planted_eval_question_is_detected():
-    eval_texts = {"eval": ["A farmer has 17 cows and buys 25 more at the market on Tuesday. How many cows now?",
-                           "12 + 30 ="],
-                  "lm_eval/cloze": ["The airship rose slowly above the glittering towers of the city."]}
-    clean = data.make_pair(tasks.make_prompt("What is 3 + 4?", SYSTEM), "7", "8")
-    planted = data.make_pair(tasks.make_prompt("A farmer has 17 cows and buys 25 more at the market on Tuesday. "
-                                               "How many cows now?", SYSTEM), "42", "41")
-    in_response = data.make_pair(tasks.make_prompt("Tell a story.", SYSTEM),
-                                 "the airship rose slowly above the glittering towers of the city, then fell", "no")
-    short = data.make_pair(tasks.make_prompt("Compute 12 + 30 = please", SYSTEM), "42", "41")
-    found = find_contaminated_pairs({"pairs.parquet": [clean, planted], "round_1.parquet": [in_response, short]},
-                                    eval_texts)
-    assert [(f["file"], f["row"]) for f in found] == [("pairs.parquet", 2), ("round_1.parquet", 1),
-                                                      ("round_1.parquet", 2)]
+    eval_texts = {
+        "eval": ["A farmer has 17 cows and buys 25 more at the market on Tuesday. How many cows now?", "12 + 30 ="],
+        "lm_eval/cloze": ["The airship rose slowly above the glittering towers of the city."],
+    }
+    clean = make_pair(tasks.make_prompt("What is 3 + 4?", SYSTEM), "7", "8")
+    planted = make_pair(
+        tasks.make_prompt("A farmer has 17 cows and buys 25 more at the market on Tuesday. How many cows now?", SYSTEM),
+        "42",
+        "41",
+    )
+    in_response = make_pair(
+        tasks.make_prompt("Tell a story.", SYSTEM),
+        "the airship rose slowly above the glittering towers of the city, then fell",
+        "no",
+    )
+    short = make_pair(tasks.make_prompt("Compute 12 + 30 = please", SYSTEM), "42", "41")
+    found = find_contaminated_pairs(
+        {"pairs.parquet": [clean, planted], "round_1.parquet": [in_response, short]}, eval_texts
+    )
+    assert [(f["file"], f["row"]) for f in found] == [
+        ("pairs.parquet", 2),
+        ("round_1.parquet", 1),
+        ("round_1.parquet", 2),
+    ]
     assert found[0]["eval_sets"] == ["eval"] and found[0]["field"] == "prompt[1].content"
     assert found[1]["eval_sets"] == ["lm_eval/cloze"] and found[1]["field"] == "chosen"
     # the same rule as Stage 2's decontamination
@@ -202,12 +237,39 @@ def test_planted_eval_question_is_detected():
 
 
 ROUNDS = [
-    {"round": 0, "passed": True, "decision": "baseline", "kl": 0.02, "heldout_gap": 0.2, "task_accuracy": 0.4,
-     "benchmark_mean": 0.5, "benchmarks": {"gen": 0.4, "mc": 0.6}, "reasons": ["stage 5"]},
-    {"round": 1, "passed": True, "decision": "continue", "kl": 0.04, "heldout_gap": 0.3, "task_accuracy": 0.45,
-     "benchmark_mean": 0.49, "benchmarks": {"gen": 0.4, "mc": 0.58}, "reasons": ["improved"]},
-    {"round": 2, "passed": True, "decision": "continue", "kl": 0.07, "heldout_gap": 0.35, "task_accuracy": 0.45,
-     "benchmark_mean": 0.40, "benchmarks": {"gen": 0.3, "mc": 0.5}, "reasons": ["improved"]},
+    {
+        "round": 0,
+        "passed": True,
+        "decision": "baseline",
+        "kl": 0.02,
+        "heldout_gap": 0.2,
+        "task_accuracy": 0.4,
+        "benchmark_mean": 0.5,
+        "benchmarks": {"gen": 0.4, "mc": 0.6},
+        "reasons": ["stage 5"],
+    },
+    {
+        "round": 1,
+        "passed": True,
+        "decision": "continue",
+        "kl": 0.04,
+        "heldout_gap": 0.3,
+        "task_accuracy": 0.45,
+        "benchmark_mean": 0.49,
+        "benchmarks": {"gen": 0.4, "mc": 0.58},
+        "reasons": ["improved"],
+    },
+    {
+        "round": 2,
+        "passed": True,
+        "decision": "continue",
+        "kl": 0.07,
+        "heldout_gap": 0.35,
+        "task_accuracy": 0.45,
+        "benchmark_mean": 0.40,
+        "benchmarks": {"gen": 0.3, "mc": 0.5},
+        "reasons": ["improved"],
+    },
 ]
 BASELINE = {"gen": 0.4, "mc": 0.6}
 
@@ -215,30 +277,79 @@ BASELINE = {"gen": 0.4, "mc": 0.6}
 def project(tmp_path, final_benchmarks, win=(0.62, 0.55, 0.69)):
     root = tmp_path / "project"
     ret = retention(final_benchmarks, BASELINE)
-    io.write_json(root / "metrics" / "evaluate.json", {
-        "retention": ret["retention"], "retention_per_benchmark": ret["retention_per_benchmark"],
-        "retention_notes": ret["notes"], "benchmarks": final_benchmarks, "baseline_benchmarks": BASELINE,
-        "win_rate": win[0], "win_rate_ci_low": win[1], "win_rate_ci_high": win[2],
-        "win_rate_detail": {"n": 200, "wins": 110, "ties": 28, "losses": 62, "judge": "verifier",
-                            "bootstrap_samples": 2000, "seed": 0},
-        "kl": 0.07, "heldout_gap": 0.35, "contaminated_pairs": 0, "selected_round": 2,
-        "contamination": {"n_pairs_checked": 1200, "first": []}})
-    io.write_json(root / "metrics" / "iterate.json", {"decision": "max_rounds", "selected_round": 2, "rounds": ROUNDS,
-                                                      "analysis": "Held-out gap rose every round."})
-    for stage, key, values in (("sft", "train/loss", [3.0, 2.1, 1.5]), ("sft", "eval/val_loss", [2.0, 1.6]),
-                               ("dpo", "train/loss", [0.69, 0.6, 0.5]),
-                               ("dpo", "train/rewards/margins", [0.0, 0.1, 0.3])):
+    io.write_json(
+        root / "metrics" / "evaluate.json",
+        {
+            "retention": ret["retention"],
+            "retention_per_benchmark": ret["retention_per_benchmark"],
+            "retention_notes": ret["notes"],
+            "benchmarks": final_benchmarks,
+            "baseline_benchmarks": BASELINE,
+            "win_rate": win[0],
+            "win_rate_ci_low": win[1],
+            "win_rate_ci_high": win[2],
+            "win_rate_detail": {
+                "n": 200,
+                "wins": 110,
+                "ties": 28,
+                "losses": 62,
+                "judge": "verifier",
+                "bootstrap_samples": 2000,
+                "seed": 0,
+            },
+            "kl": 0.07,
+            "heldout_gap": 0.35,
+            "contaminated_pairs": 0,
+            "selected_round": 2,
+            "contamination": {"n_pairs_checked": 1200, "first": []},
+        },
+    )
+    io.write_json(
+        root / "metrics" / "iterate.json",
+        {"decision": "max_rounds", "selected_round": 2, "rounds": ROUNDS, "analysis": "Held-out gap rose every round."},
+    )
+    for stage, key, values in (
+        ("sft", "train/loss", [3.0, 2.1, 1.5]),
+        ("sft", "eval/val_loss", [2.0, 1.6]),
+        ("dpo", "train/loss", [0.69, 0.6, 0.5]),
+        ("dpo", "train/rewards/margins", [0.0, 0.1, 0.3]),
+    ):
         path = root / "dvclive" / stage / "plots" / "metrics" / f"{key}.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("step\t" + key.rsplit("/", 1)[-1] + "\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))
     return root
 
 
+def decide_and_report(root, p):
+    """What `stages/evaluate.py --decide` does in a project: the deploy decision, then the report."""
+    ev = io.read_json(root / "metrics" / "evaluate.json")
+    iterate = io.read_json(root / "metrics" / "iterate.json")
+    deploy = {**deploy_decision(ev, p, iterate, ev.get("baseline_benchmarks") or {}), "model": "models/final"}
+    curves = {
+        chart: {
+            name: read_tsv(root / "dvclive" / stage / "plots" / "metrics" / f"{key}.tsv")
+            for name, (stage, key) in series.items()
+        }
+        for chart, series in CURVES.items()
+    }
+    io.write_json(root / "reports" / "deploy.json", deploy)
+    write_report(
+        root / "reports",
+        ReportInputs(
+            evaluate=ev, deploy=deploy, iterate=iterate, curves=curves, params=p, files={"final_model": "models/final"}
+        ),
+    )
+    return deploy
+
+
 def test_capability_regression_names_the_rollback(tmp_path):
-    p = params(evaluate={"min_retention": 95.0, "max_kl": 0.1, "min_heldout_gap": 0.15},
-               dpo={"learning_rate": 4e-5, "lr_backoff": 0.5}, iterate={"max_steps": 60})
-    root = project(tmp_path, {"gen": 0.3, "mc": 0.5})   # round 2's benchmarks: 79 % retention
-    deploy = write_report(root, p)
+    p = params(
+        evaluate={"min_retention": 95.0, "max_kl": 0.1, "min_heldout_gap": 0.15},
+        dpo={"learning_rate": 4e-5, "lr_backoff": 0.5},
+        iterate={"max_steps": 60},
+    )
+    root = project(tmp_path, {"gen": 0.3, "mc": 0.5})  # round 2's benchmarks: 79 % retention
+    deploy = decide_and_report(root, p)
     assert deploy["deploy"] is False and deploy["failed"] == ["retention"]
     rb = deploy["rollback"]
     assert rb["to"]["round"] == 1  # round 2 fails retention; round 1 retains 98 % and meets KL / gap
@@ -252,13 +363,13 @@ def test_capability_regression_names_the_rollback(tmp_path):
 
 def test_no_round_meets_thresholds_falls_back_to_sft():
     p = params(evaluate={"max_kl": 0.001})
-    assert last_good_round({"rounds": ROUNDS}, BASELINE, p)["model"] == "models/sft"
+    assert last_good_round({"rounds": ROUNDS}, BASELINE, p)["model"] == "the SFT model"
 
 
 def test_report_renders_plots_and_decision(tmp_path):
     p = params()
     root = project(tmp_path, {"gen": 0.4, "mc": 0.6})
-    deploy = write_report(root, p)
+    deploy = decide_and_report(root, p)
     assert deploy["deploy"] is True and deploy["rollback"] is None
     assert [c["passed"] for c in deploy["checks"]] == [True] * 5
     html_text = (root / "reports" / "report.html").read_text()
@@ -272,7 +383,7 @@ def test_report_renders_plots_and_decision(tmp_path):
     assert "**DEPLOY**" in md and "plots/win_rate.svg" in md and "| gen |" in md
     # deterministic
     first = (root / "reports" / "report.html").read_bytes()
-    write_report(root, p)
+    decide_and_report(root, p)
     assert (root / "reports" / "report.html").read_bytes() == first
 
 
@@ -285,18 +396,27 @@ def test_svg_helpers_handle_empty_and_constant_data(tmp_path):
     assert read_tsv(tsv) == [(0.0, 1.5), (2.0, 1.0)] and read_tsv(tmp_path / "missing.tsv") == []
 
 
-
-
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="/usr/bin/chromium not installed")
 def test_report_screenshot_is_not_blank(tmp_path):
     from PIL import Image
 
     root = project(tmp_path, {"gen": 0.3, "mc": 0.5})
-    write_report(root, params())
+    decide_and_report(root, params())
     shot = tmp_path / "shot.png"
-    subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1000,1400", (root / "reports" / "report.html").as_uri()],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            "/usr/bin/chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1000,1400",
+            (root / "reports" / "report.html").as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     image = Image.open(shot).convert("L")
     lo, hi = image.getextrema()
     assert hi - lo > 100  # text, plots and the decision banner: far from one flat colour

@@ -2,9 +2,11 @@
 of every experiment side by side in `dvc exp show --json`.
 
 Experiments change the workspace, git refs and the run queue, so they run in a `git clone` of the session's
-reproduced pipeline (own cache, the pipeline's objects hardlinked in), never in the shared project. The swept param belongs to the latest
-training stage that exists: `dpo.beta` once the dpo stage is in dvc.yaml, else `sft.learning_rate`.
+reproduced pipeline (own cache, the pipeline's objects hardlinked in), never in the shared project. The swept param
+belongs to the latest training stage that exists: `dpo.beta` once the dpo stage is in dvc.yaml, else
+`sft.learning_rate`.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,9 +59,13 @@ def exp_rows(project: Path) -> list[dict]:
         revs = [entry] + [rev for exp in entry.get("experiments") or [] for rev in exp["revs"]]
         for rev in revs:
             data = rev.get("data") or {}
-            rows.append({"name": rev.get("name") or rev["rev"][:7],
-                         "params": (data.get("params") or {}).get("params.yaml", {}).get("data", {}),
-                         "metrics": {f: (m or {}).get("data", {}) for f, m in (data.get("metrics") or {}).items()}})
+            rows.append(
+                {
+                    "name": rev.get("name") or rev["rev"][:7],
+                    "params": (data.get("params") or {}).get("params.yaml", {}).get("data", {}),
+                    "metrics": {f: (m or {}).get("data", {}) for f, m in (data.get("metrics") or {}).items()},
+                }
+            )
     return rows
 
 
@@ -122,7 +128,7 @@ def test_exp_run_set_param_reruns_only_its_stage_and_after(exp_project):
     executed = ran(proc.stdout)
     order = stages_in(exp_project / "dvc.yaml")
     assert executed and executed[0] == stage, proc.stdout
-    assert set(executed) <= set(order[order.index(stage):]), executed
+    assert set(executed) <= set(order[order.index(stage) :]), executed
     # `-S` leaves the value in the workspace params.yaml, and the run is recorded as an experiment.
     assert lookup(yaml.safe_load((exp_project / "params.yaml").read_text()), key) == float(values[0])
     row = next(r for r in exp_rows(exp_project) if r["name"] == "set-param")
@@ -138,8 +144,11 @@ def test_queued_sweep_runs_and_exp_show_lists_gate_metrics_side_by_side(exp_proj
     sh(exp_project, "dvc", "queue", "start", "-j", "1")  # 2 cores: one worker, one experiment at a time
     status = wait_for_queue(exp_project, names)
     seconds = time.perf_counter() - t0
-    failed = {n: sh(exp_project, "dvc", "queue", "logs", n, check=False).stdout[-3000:]
-              for n, s in status.items() if s != "Success"}
+    failed = {
+        n: sh(exp_project, "dvc", "queue", "logs", n, check=False).stdout[-3000:]
+        for n, s in status.items()
+        if s != "Success"
+    }
     assert not failed, failed
 
     rows = {r["name"]: r for r in exp_rows(exp_project)}
@@ -156,6 +165,10 @@ def test_queued_sweep_runs_and_exp_show_lists_gate_metrics_side_by_side(exp_proj
     assert {n for n, _, _ in table} >= set(names)
     print(f"\nqueued sweep of {len(names)} experiments: {seconds:.1f} s with 1 worker")
     for name, value, cells in table:
-        print(f"  {name:>12}  {key}={value}  " + "  ".join(f"{c}={v:.4g}" if isinstance(v, float) and
-                                                             not isinstance(v, bool) else f"{c}={v}"
-                                                             for c, v in cells.items()))
+        print(
+            f"  {name:>12}  {key}={value}  "
+            + "  ".join(
+                f"{c}={v:.4g}" if isinstance(v, float) and not isinstance(v, bool) else f"{c}={v}"
+                for c, v in cells.items()
+            )
+        )

@@ -11,6 +11,7 @@
 - Non-finite gradients with a finite loss stop training (TrainingDiverged) and keep the last good checkpoint (the
   NaN-loss case is tests/test_dpo.py::test_nan_loss_stops_with_training_diverged_and_keeps_the_checkpoint).
 """
+
 from __future__ import annotations
 
 import errno
@@ -31,23 +32,32 @@ import pytest
 from mlx.utils import tree_map
 from safetensors import safe_open
 
-from dpoflow import io, models
-from dpoflow.trainer import TrainConfig, TrainingDiverged, train
+from dpoflow.modeling.loading import load_model, save_model
+from dpoflow.runtime import io
+from dpoflow.training.trainer import TrainConfig, TrainingDiverged, train
 from tests.pipeline_project import env_for, make_project, run
 
 ARTIFACT_DIRS = ("models", "metrics", "data", "checkpoints", "dvclive", "gates")
-ATOMIC_DIRS = ("models", "metrics", "data", "checkpoints", "gates")  # written through dpoflow.io
+ATOMIC_DIRS = ("models", "metrics", "data", "checkpoints", "gates")  # written through dpoflow.runtime.io
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def leftovers(project: Path) -> list[str]:
     """Temporaries of atomic writes (`.<name>.XXXXXXXX.tmp`, `.<name>.old`) anywhere under the artifact folders."""
-    return [str(p.relative_to(project)) for d in ARTIFACT_DIRS if (project / d).exists()
-            for p in (project / d).rglob(".*") if p.name.endswith((".tmp", ".old"))]
+    return [
+        str(p.relative_to(project))
+        for d in ARTIFACT_DIRS
+        if (project / d).exists()
+        for p in (project / d).rglob(".*")
+        if p.name.endswith((".tmp", ".old"))
+    ]
 
 
 def assert_artifacts_whole(project: Path, dirs: tuple[str, ...] = ARTIFACT_DIRS) -> None:
@@ -64,7 +74,7 @@ def assert_artifacts_whole(project: Path, dirs: tuple[str, ...] = ARTIFACT_DIRS)
                     json.loads(line)
             elif path.suffix == ".safetensors":
                 with safe_open(str(path), framework="np") as f:
-                    for key in f.keys():
+                    for key in f:
                         f.get_tensor(key)
     for folder in (project / "models").iterdir() if (project / "models").exists() else []:
         if folder.is_dir() and not folder.name.startswith("."):
@@ -83,8 +93,14 @@ def loss_curve(project: Path) -> list[str]:
 def test_sigkill_during_sft_then_repro_resumes_and_matches_an_uninterrupted_run(tmp_path):
     project = make_project(tmp_path / "project")
     state = project / "checkpoints" / "sft" / "state.json"
-    proc = subprocess.Popen(["dvc", "repro", "sft"], cwd=project, env=env_for(project), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["dvc", "repro", "sft"],
+        cwd=project,
+        env=env_for(project),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 600
         while not state.exists():
@@ -122,12 +138,11 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def test_disk_full_while_saving_a_model_keeps_the_previous_one_and_no_temporary(tmp_path, tiny_model_dir,
-                                                                                 monkeypatch):
-    model, tokenizer = models.load_model(tiny_model_dir)
+def test_disk_full_while_saving_a_model_keeps_the_previous_one_and_no_temporary(tmp_path, tiny_model_dir, monkeypatch):
+    model, tokenizer = load_model(tiny_model_dir)
     config = io.read_json(tiny_model_dir / "config.json")
     out = tmp_path / "models" / "sft"
-    models.save_model(model, tokenizer, out, config)
+    save_model(model, tokenizer, out, config)
     before = tree_digest(out)
 
     real_save = mx.save_safetensors
@@ -141,7 +156,7 @@ def test_disk_full_while_saving_a_model_keeps_the_previous_one_and_no_temporary(
     monkeypatch.setattr(mx, "save_safetensors", full_disk)
     model.update(tree_map(lambda w: w + 1, model.parameters()))
     with pytest.raises(OSError) as err:
-        models.save_model(model, tokenizer, out, config)
+        save_model(model, tokenizer, out, config)
     assert err.value.errno == errno.ENOSPC
     assert any(f"while writing {out}" in note for note in err.value.__notes__)
     assert tree_digest(out) == before
@@ -164,7 +179,7 @@ def test_disk_full_while_writing_metrics_keeps_the_previous_file(tmp_path, monke
 WRITER = """
 import sys, time
 from pathlib import Path
-from dpoflow import io
+from dpoflow.runtime import io
 target = Path(sys.argv[1])
 with io.atomic_path(target) as tmp:
     tmp.mkdir()
@@ -180,8 +195,12 @@ def test_write_killed_midway_leaves_the_old_version_and_the_next_write_cleans_up
     with io.atomic_path(target) as tmp:
         tmp.mkdir()
         (tmp / "a.bin").write_bytes(b"old")
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(target)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
     assert writer.stdout.readline().strip() == "writing"
     writer.send_signal(signal.SIGKILL)
     writer.wait()

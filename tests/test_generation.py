@@ -1,6 +1,7 @@
-"""dpoflow.generation: shared prefill (one prompt forward for K samples, one forward for the common prefix) and
+"""dpoflow.modeling.generation: shared prefill (one prompt forward for K samples, one forward for the common prefix) and
 fixed decode slots give mlx-lm's batch-generation output, deterministically, on a tiny random model; the CPU's fast
 exp (polynomial exp in SwiGLU, the decode attention and the temperature sampler) stays within float32 noise of it."""
+
 from __future__ import annotations
 
 import math
@@ -12,22 +13,33 @@ from mlx_lm.generate import batch_generate
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from dpoflow.batching import encode_prompt
-from dpoflow.generation import SharedPrefill, fast_categorical_sampler, fast_exp_ops, generate, poly_exp
+from dpoflow.core.batching import encode_prompt
+from dpoflow.modeling.fast_ops import fast_categorical_sampler, fast_exp_ops, poly_exp
+from dpoflow.modeling.generation import SharedPrefill, generate
 
 SYSTEM = "Reply with only the final answer, no explanation."
-QUESTIONS = ["Calculate 2 + 3.", "What is 7 times 8?", "Calculate 2 + 3.", "Sort 3, 1, 2.", "Spell cat backwards.",
-             "How many legs do 3 spiders have?", "Calculate 40 - 17 + 5.", "What is 9?"]
+QUESTIONS = [
+    "Calculate 2 + 3.",
+    "What is 7 times 8?",
+    "Calculate 2 + 3.",
+    "Sort 3, 1, 2.",
+    "Spell cat backwards.",
+    "How many legs do 3 spiders have?",
+    "Calculate 40 - 17 + 5.",
+    "What is 9?",
+]
 
 
 def prompts(system=SYSTEM):
-    return [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
-            for q in QUESTIONS]
+    return [
+        ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+        for q in QUESTIONS
+    ]
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from dpoflow.models import load_model
+    from dpoflow.modeling.loading import load_model
 
     return load_model(tiny_model_dir)
 
@@ -38,7 +50,7 @@ def mlx_lm_greedy(model, tok, msgs, n_samples, max_tokens):
     out = batch_generate(model, tok, flat, max_tokens=max_tokens, return_token_ids=True, sampler=make_sampler(0.0))
     eos = set(tok.eos_token_ids)
     ids = [[t for t in seq if t not in eos] for seq in out.token_ids]
-    return [ids[i * n_samples:(i + 1) * n_samples] for i in range(len(msgs))]
+    return [ids[i * n_samples : (i + 1) * n_samples] for i in range(len(msgs))]
 
 
 # (batch, samples, max tokens): refills, buffer compaction (long runs at batch 1-2) and growth (100 > headroom)
@@ -47,8 +59,9 @@ def mlx_lm_greedy(model, tok, msgs, n_samples, max_tokens):
 def test_greedy_output_equals_mlx_lm_batch_generation(tiny, system, batch, n, max_tokens):
     model, tok = tiny
     msgs = prompts(system)
-    out = generate(model, tok, msgs, n_samples=n, temperature=0.0, max_tokens=max_tokens, seed=0, batch_size=batch,
-                   fast_exp=False)
+    out = generate(
+        model, tok, msgs, n_samples=n, temperature=0.0, max_tokens=max_tokens, seed=0, batch_size=batch, fast_exp=False
+    )
     assert out.token_ids == mlx_lm_greedy(model, tok, msgs, n, max_tokens)
     assert out.generated_tokens == sum(len(s) for p in out.token_ids for s in p) > 0
     assert all(len(s) == max_tokens or f for p, fs in zip(out.token_ids, out.finished) for s, f in zip(p, fs))
@@ -94,14 +107,14 @@ def test_prefill_caches_equal_a_whole_prompt_forward(tiny):
         model(mx.array([list(ids[:-1])]), cache=ref)
         n = len(ids) - 1
         for layer, want in enumerate(ref):
-            got_k = chunk.keys[layer][j:j + 1, :, chunk.width - n:, :]
-            got_v = chunk.values[layer][j:j + 1, :, chunk.width - n:, :]
+            got_k = chunk.keys[layer][j : j + 1, :, chunk.width - n :, :]
+            got_v = chunk.values[layer][j : j + 1, :, chunk.width - n :, :]
             assert mx.allclose(got_k, want.keys[..., :n, :], atol=1e-5).item()
             assert mx.allclose(got_v, want.values[..., :n, :], atol=1e-5).item()
 
 
 def test_models_without_a_plain_kv_cache_use_mlx_lm_batching(tiny, monkeypatch):
-    from dpoflow import generation
+    from dpoflow.modeling import generation
 
     model, tok = tiny
     monkeypatch.setattr(generation.SharedPrefill, "supported", staticmethod(lambda m: False))
@@ -117,7 +130,7 @@ def test_poly_exp_matches_exp():
     assert poly_exp(mx.array([-1e30, -200.0, -88.0])).tolist() == [0.0, 0.0, 0.0]
     assert poly_exp(mx.array([-87.0])).item() == pytest.approx(math.exp(-87.0), rel=2e-5)
     deep = poly_exp(mx.linspace(-100, -80, 20_001))
-    assert ((deep == 0) | (deep >= 2.0 ** -126)).all().item()
+    assert ((deep == 0) | (deep >= 2.0**-126)).all().item()
     assert poly_exp(mx.array([0.5], dtype=mx.bfloat16)).dtype == mx.bfloat16
 
 
@@ -159,8 +172,10 @@ def test_fast_sampler_draws_the_softmax_distribution():
 def test_fast_exp_is_the_cpu_default_and_changes_only_float_noise(tiny):
     model, tok = tiny
     kw = dict(n_samples=2, max_tokens=10, batch_size=6)
-    sampled = {f: generate(model, tok, prompts(), temperature=1.0, seed=5, fast_exp=f, **kw).token_ids
-               for f in (None, True, False)}
+    sampled = {
+        f: generate(model, tok, prompts(), temperature=1.0, seed=5, fast_exp=f, **kw).token_ids
+        for f in (None, True, False)
+    }
     assert sampled[True] != sampled[False]
     assert sampled[None] == sampled[mx.default_device().type == mx.cpu]  # on by default on the CPU only
     greedy = [generate(model, tok, prompts(), temperature=0.0, fast_exp=f, **kw).token_ids for f in (True, False)]

@@ -1,12 +1,13 @@
-"""Tests for dpoflow.kl: exact KL against numpy float64, chunking, the reference callable, and k3."""
+"""Tests for dpoflow.core.kl: exact KL against numpy float64, chunking, the reference callable, and k3."""
+
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 from mlx_lm.models.llama import Model, ModelArgs
 
-from dpoflow.batching import EncodedPair, collate_pairs
-from dpoflow.kl import exact_token_kl, k3_estimate, k3_terms, kl_per_position, policy_reference_kl
-from dpoflow.logprobs import full_logits_at, logprobs_from_logits, token_logprobs
+from dpoflow.core.batching import EncodedPair, collate_pairs
+from dpoflow.core.kl import exact_token_kl, k3_estimate, k3_terms, kl_per_position, policy_reference_kl
+from dpoflow.core.logprobs import full_logits_at, logprobs_from_logits, token_logprobs
 
 VOCAB, PAD = 300, 0
 
@@ -14,8 +15,15 @@ VOCAB, PAD = 300, 0
 def tiny_model(seed=0):
     mx.random.seed(seed)
     args = ModelArgs(
-        model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=VOCAB, tie_word_embeddings=True,
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=VOCAB,
+        tie_word_embeddings=True,
     )
     model = Model(args)
     mx.eval(model.parameters())

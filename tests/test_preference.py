@@ -3,6 +3,7 @@
 The tiny model writes gibberish, so the verifier would score every response 0: where a test needs pairs, a fake
 judge makes the scores deterministic. The verifier itself is checked against the task's checker.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,21 +11,15 @@ import math
 
 import pytest
 
-from dpoflow import judges, tasks
-from dpoflow.data import read_pairs
-from dpoflow.gates import evaluate_gate
-from dpoflow.params import Params
-from dpoflow.preference import (
-    PreferenceConfig,
-    build_preference_data,
-    collect_eval_texts,
-    dedupe_responses,
-    make_pairs,
-    question_templates,
-    strip_template,
-    write_outputs,
-)
-from dpoflow.training_metrics import validate_dpo_pairs
+from dpoflow.data import judges, tasks
+from dpoflow.data.collect import collect_pairs
+from dpoflow.data.decontamination import collect_eval_texts, question_templates, strip_template
+from dpoflow.data.formats import read_pairs
+from dpoflow.data.pairing import dedupe_responses, make_pairs
+from dpoflow.data.validation import validate_dpo_pairs
+from dpoflow.eval.gates import evaluate_gate
+from dpoflow.pipeline.preference import PreferenceOutputs, write_outputs
+from dpoflow.runtime.params import Params, PreferenceParams
 
 PROMPT = [{"role": "user", "content": "Calculate 2 + 3."}]
 
@@ -41,34 +36,70 @@ class FirstWinsJudge(judges.Judge):
 
     def score(self, items, prompts, responses):
         self.calls.append([len(r) for r in responses])
-        return [[0.5] * len(rs) if item["id"] in self.ties else [1.0] + [0.0] * (len(rs) - 1)
-                for item, rs in zip(items, responses)]
+        return [
+            [0.5] * len(rs) if item["id"] in self.ties else [1.0] + [0.0] * (len(rs) - 1)
+            for item, rs in zip(items, responses)
+        ]
 
 
 @pytest.fixture(scope="module")
 def splits():
     # Enough chain_sum questions (weight 0.2) for template inference (>= 20 per task).
-    return tasks.build_splits(tasks.TWO_TEMPLATE_SPEC, sizes={"pref_prompts": 40, "heldout": 30, "eval": 60, "sft_val": 30}, seed=0)
+    return tasks.build_splits(
+        tasks.TWO_TEMPLATE_SPEC, sizes={"pref_prompts": 40, "heldout": 30, "eval": 60, "sft_val": 30}, seed=0
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from dpoflow.models import load_model
+    from dpoflow.modeling.loading import load_model
 
     return load_model(tiny_model_dir)
 
 
 def _config(**kw):
-    base = dict(samples_per_prompt=4, temperature=0.9, max_tokens=6, max_seq_len=128, max_extra_passes=2,
-                temperature_step=0.1, min_gap=0.15, min_pairs=1, generation_batch_size=32, seed=0)
+    base = dict(
+        samples_per_prompt=4,
+        temperature=0.9,
+        max_tokens=6,
+        max_seq_len=128,
+        max_extra_passes=2,
+        temperature_step=0.1,
+        min_gap=0.15,
+        min_pairs=1,
+        generation_batch_size=32,
+    )
     base.update(kw)
-    return PreferenceConfig(**base)
+    return PreferenceParams(**base)
 
 
 def _build(tiny, config, judge, items, heldout=(), eval_texts=None):
     model, tokenizer = tiny
-    return build_preference_data(config, judge, model=model, tokenizer=tokenizer, items=items,
-                                 heldout_items=heldout, eval_texts=eval_texts)
+    return collect_pairs(
+        config,
+        judge,
+        seed=0,
+        system_prompt=tasks.SYSTEM_PROMPT,
+        model=model,
+        tokenizer=tokenizer,
+        items=items,
+        heldout_items=heldout,
+        eval_texts=eval_texts,
+        items_origin="data/tasks/pref_prompts.jsonl",
+        heldout_origin="data/tasks/heldout.jsonl",
+    )
+
+
+def _outputs(root):
+    return PreferenceOutputs(
+        pairs=root / "data/pairs.parquet",
+        pairs_jsonl=root / "data/pairs.jsonl",
+        heldout_pairs=root / "data/heldout_pairs.parquet",
+        quarantine=root / "data/quarantine.jsonl",
+        report=root / "reports/preference_data.md",
+        metrics=root / "metrics/preference_data.json",
+        perf=root / "metrics/perf/preference_data.json",
+    )
 
 
 # --- pairing ----------------------------------------------------------------------------------------------
@@ -102,7 +133,9 @@ def test_dedupe_responses_before_pairing():
 def test_verifier_judge_is_the_task_checker(splits):
     item = splits["pref_prompts"][0]
     judge = judges.make_judge("verifier")
-    scores = judge.score([item], [tasks.item_prompt(item)], [[item["answer"], "no idea", "", f"It is {item['answer']}"]])
+    scores = judge.score(
+        [item], [tasks.item_prompt(item)], [[item["answer"], "no idea", "", f"It is {item['answer']}"]]
+    )
     assert scores == [[1.0, 0.0, 0.0, 1.0]]
 
 
@@ -131,28 +164,62 @@ def test_eval_texts_from_every_set_with_the_right_fields(tmp_path, splits):
     tasks.write_splits({k: splits[k] for k in ("heldout", "eval", "sft_val")}, tmp_path)
     lm = tmp_path / "lm_eval"
     lm.mkdir()
-    gen = [{"id": i["id"], "task": i["task"], "question": i["question"],
-            "prompt": f"{i['question']}\nAnswer with only the final number.", "answer": i["answer"]}
-           for i in splits["eval"]]
+    gen = [
+        {
+            "id": i["id"],
+            "task": i["task"],
+            "question": i["question"],
+            "prompt": f"{i['question']}\nAnswer with only the final number.",
+            "answer": i["answer"],
+        }
+        for i in splits["eval"]
+    ]
     rows = {
         "dpoflow_task_gen": gen,
-        "dpoflow_task_mc": [{"id": "m", "task": "basic_arithmetic", "question": "Calculate 7 + 8.",
-                             "choices": ["15", "14", "16", "-15"], "gold": 0}],
-        "dpoflow_text_cloze": [{"id": "c", "context": "The tub appeared at the door.",
-                                "choices": ["Of the four projects, the first was good.", "He left."], "gold": 0}],
-        "dpoflow_humaneval": [{"task_id": "HumanEval/0", "prompt": "def add(a, b):\n    \"\"\"Add two numbers.\"\"\"\n",
-                               "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n",
-                               "entry_point": "add"}],
+        "dpoflow_task_mc": [
+            {
+                "id": "m",
+                "task": "basic_arithmetic",
+                "question": "Calculate 7 + 8.",
+                "choices": ["15", "14", "16", "-15"],
+                "gold": 0,
+            }
+        ],
+        "dpoflow_text_cloze": [
+            {
+                "id": "c",
+                "context": "The tub appeared at the door.",
+                "choices": ["Of the four projects, the first was good.", "He left."],
+                "gold": 0,
+            }
+        ],
+        "dpoflow_humaneval": [
+            {
+                "task_id": "HumanEval/0",
+                "prompt": 'def add(a, b):\n    """Add two numbers."""\n',
+                "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n",
+                "entry_point": "add",
+            }
+        ],
     }
     for name, data in rows.items():
         (lm / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
     texts = collect_eval_texts(tmp_path, template_items=splits["pref_prompts"])
-    assert set(texts) == {"heldout", "eval", "sft_val", "lm_eval/dpoflow_task_gen", "lm_eval/dpoflow_task_mc",
-                          "lm_eval/dpoflow_text_cloze", "lm_eval/dpoflow_humaneval"}
+    assert set(texts) == {
+        "heldout",
+        "eval",
+        "sft_val",
+        "lm_eval/dpoflow_task_gen",
+        "lm_eval/dpoflow_task_mc",
+        "lm_eval/dpoflow_text_cloze",
+        "lm_eval/dpoflow_humaneval",
+    }
     assert len(texts["heldout"]) == 30 and len(texts["lm_eval/dpoflow_task_gen"]) == len(gen)
-    assert texts["lm_eval/dpoflow_task_mc"] == ["7 + 8"]                 # question without template; no numeric choices
-    assert texts["lm_eval/dpoflow_text_cloze"] == ["The tub appeared at the door.",
-                                                    "Of the four projects, the first was good."]  # "He left." < 3 tokens
+    assert texts["lm_eval/dpoflow_task_mc"] == ["7 + 8"]  # question without template; no numeric choices
+    assert texts["lm_eval/dpoflow_text_cloze"] == [
+        "The tub appeared at the door.",
+        "Of the four projects, the first was good.",
+    ]  # "He left." < 3 tokens
     assert texts["lm_eval/dpoflow_humaneval"] == [rows["dpoflow_humaneval"][0]["prompt"]]  # not the hidden test
     assert not any("answer with only" in t.lower() for t in texts["lm_eval/dpoflow_task_gen"])
     chain = [i for i in splits["eval"] if i["task"] == "chain_sum"]
@@ -232,15 +299,17 @@ def test_regeneration_on_weak_data_records_passes_and_gate_fails(tiny, splits):
 
 
 def test_reference_answer_is_chosen_only_when_no_sample_is_right(splits):
-    from dpoflow.preference import PromptState, make_pairs, reference_pairs
+    from dpoflow.data.pairing import PromptState, make_pairs, reference_pairs
 
     verifier = judges.make_judge("verifier")
     items = [it for it in splits["pref_prompts"] if it["task"] == "basic_arithmetic"][:3]
     right = [tasks.sft_target(it) for it in items]
     wrong = [f"{int(it['answer']) + 1}" for it in items]
-    cases = [[wrong[0], wrong[0] + "0"],   # all wrong: the reference is chosen against the first worst
-             [right[1], wrong[1]],         # mixed: the on-policy pair stays
-             [right[2], right[2] + " "]]   # all right: nothing to prefer
+    cases = [
+        [wrong[0], wrong[0] + "0"],  # all wrong: the reference is chosen against the first worst
+        [right[1], wrong[1]],  # mixed: the on-policy pair stays
+        [right[2], right[2] + " "],
+    ]  # all right: nothing to prefer
     states = []
     for item, responses in zip(items, cases):
         st = PromptState(item=item, prompt=tasks.item_prompt(item), location="x")
@@ -271,7 +340,7 @@ class CentredLengthJudge(judges.Judge):
 
 def test_reference_is_judged_on_the_responses_scale(splits):
     """A centring judge rates a lone text 0.5 whatever it is: the reference is judged in one list with the responses."""
-    from dpoflow.preference import PromptState, reference_pairs
+    from dpoflow.data.pairing import PromptState, reference_pairs
 
     item = splits["pref_prompts"][0]
     reference = tasks.sft_target(item)
@@ -281,14 +350,21 @@ def test_reference_is_judged_on_the_responses_scale(splits):
     assert reference_pairs([st], judge, "centred") == [0]
     assert judge.calls == [[["1", "22", reference]]]
     pair = st.pairs[0]
-    assert (pair["chosen"], pair["rejected"]) == (reference, "1") and pair["score_chosen"] > 0.5 > pair["score_rejected"]
+    assert (pair["chosen"], pair["rejected"]) == (reference, "1") and pair["score_chosen"] > 0.5 > pair[
+        "score_rejected"
+    ]
 
 
 def test_reference_chosen_turns_a_wrong_model_into_pairs(tiny, splits):
     items = splits["pref_prompts"][:6]
     off = _build(tiny, _config(max_extra_passes=0), judges.make_judge("verifier"), items)
-    on = _build(tiny, _config(max_extra_passes=0, reference_chosen=True), judges.make_judge("verifier"), items,
-                heldout=splits["heldout"][:3])
+    on = _build(
+        tiny,
+        _config(max_extra_passes=0, reference_chosen=True),
+        judges.make_judge("verifier"),
+        items,
+        heldout=splits["heldout"][:3],
+    )
     assert off.metrics()["n_pairs"] == 0  # a random model never answers right: no pair without references
     m = on.metrics()
     assert m["n_pairs"] == m["n_reference_pairs"] == 6 and m["avg_gap"] == 1.0
@@ -299,8 +375,9 @@ def test_reference_chosen_turns_a_wrong_model_into_pairs(tiny, splits):
 
 
 def test_no_regeneration_when_the_data_is_good(tiny, splits):
-    result = _build(tiny, _config(min_pairs=3), FirstWinsJudge({splits["pref_prompts"][0]["id"]}),
-                    splits["pref_prompts"][:4])
+    result = _build(
+        tiny, _config(min_pairs=3), FirstWinsJudge({splits["pref_prompts"][0]["id"]}), splits["pref_prompts"][:4]
+    )
     assert result.metrics()["passes"] == 1
 
 
@@ -311,7 +388,8 @@ def test_outputs_heldout_pairs_and_quarantine_reasons(tiny, splits, tmp_path):
     target = next(i for i, item in enumerate(items) if item["task"] == "basic_arithmetic")
     eval_texts = {"eval": [items[target]["question"]]}
     result = _build(tiny, _config(), FirstWinsJudge(), items, heldout, eval_texts)
-    paths = write_outputs(result, tmp_path)
+    paths = _outputs(tmp_path)
+    write_outputs(result, paths, {})
     m = json.loads(paths.metrics.read_text())
     assert m["n_pairs"] == 4 and m["n_contaminated"] == 1 and m["decontamination"] == pytest.approx(0.8)
     assert m["heldout_pairs"] == 3 and m["heldout_prompts"] == 3
@@ -320,7 +398,8 @@ def test_outputs_heldout_pairs_and_quarantine_reasons(tiny, splits, tmp_path):
     assert {p["prompt"][-1]["content"].split("\n")[0] for p in held} == {i["question"] for i in heldout}
     rows = [json.loads(line) for line in paths.quarantine.read_text().splitlines()]
     assert [(r["location"], r["reason"]) for r in rows] == [
-        (f"data/tasks/pref_prompts.jsonl:{target + 1}", "contaminated: eval")]
+        (f"data/tasks/pref_prompts.jsonl:{target + 1}", "contaminated: eval")
+    ]
     assert rows[0]["field"].startswith("prompt") and rows[0]["row"]["id"]
     assert m["quarantine_reasons"] == {"contaminated": 1}
     report = paths.report.read_text()
@@ -331,11 +410,13 @@ def test_outputs_heldout_pairs_and_quarantine_reasons(tiny, splits, tmp_path):
 
     # Over-long pairs (prompt ids + response ids + eos > max_seq_len) are quarantined with their reason.
     short = _build(tiny, _config(max_seq_len=40, max_extra_passes=0), FirstWinsJudge(), items, heldout)
-    write_outputs(short, tmp_path)
+    write_outputs(short, _outputs(tmp_path), {})
     rows = [json.loads(line) for line in paths.quarantine.read_text().splitlines()]
     assert len(rows) == 5 + 3 and all(r["reason"].startswith("over-long") for r in rows)
-    assert {r["location"].rsplit(":", 1)[0] for r in rows} == {"data/tasks/pref_prompts.jsonl",
-                                                               "data/tasks/heldout.jsonl"}
+    assert {r["location"].rsplit(":", 1)[0] for r in rows} == {
+        "data/tasks/pref_prompts.jsonl",
+        "data/tasks/heldout.jsonl",
+    }
     assert short.metrics()["n_overlong"] == 5 and short.metrics()["heldout_quarantined"] == 3
 
 
@@ -354,20 +435,33 @@ def test_import_judge_trl_file(tiny, tmp_path):
     _, tokenizer = tiny
     rows = []
     for i in range(20):
-        rows.append(json.dumps({"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
-                                "chosen": [{"role": "assistant", "content": str(2 * i)}],
-                                "rejected": [{"role": "assistant", "content": str(2 * i + 1)}]}))
-    rows.append(json.dumps({"prompt": [{"role": "user", "content": "Same?"}],
-                            "chosen": [{"role": "assistant", "content": "yes"}],
-                            "rejected": [{"role": "assistant", "content": "yes"}]}))
+        rows.append(
+            json.dumps(
+                {
+                    "prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+                    "chosen": [{"role": "assistant", "content": str(2 * i)}],
+                    "rejected": [{"role": "assistant", "content": str(2 * i + 1)}],
+                }
+            )
+        )
+    rows.append(
+        json.dumps(
+            {
+                "prompt": [{"role": "user", "content": "Same?"}],
+                "chosen": [{"role": "assistant", "content": "yes"}],
+                "rejected": [{"role": "assistant", "content": "yes"}],
+            }
+        )
+    )
     rows.append("{not json")
     path = tmp_path / "trl.jsonl"
     path.write_text("\n".join(rows) + "\n")
     config = _config(import_heldout_fraction=0.25, min_pairs=1)
     judge = judges.make_judge("import", import_path=str(path))
     assert not judge.generates
-    result = build_preference_data(config, judge, tokenizer=tokenizer,
-                                   eval_texts={"eval": ["What is 3 plus 3?"]})
+    result = collect_pairs(
+        config, judge, seed=0, system_prompt=None, tokenizer=tokenizer, eval_texts={"eval": ["What is 3 plus 3?"]}
+    )
     m = result.metrics()
     assert m["judge"] == "import" and m["passes"] == 0
     assert m["n_input"] == m["n_pairs"] + m["n_quarantined"]
@@ -377,7 +471,8 @@ def test_import_judge_trl_file(tiny, tmp_path):
     assert reasons["broken JSON"] == 1 and reasons["chosen == rejected"] == 1
     assert all(p["source"].startswith(f"import:{path}:") for p in result.pairs)
     assert all(p["score_chosen"] is None for p in result.pairs) and m["avg_gap"] == 1.0  # label-only
-    paths = write_outputs(result, tmp_path / "out")
+    paths = _outputs(tmp_path / "out")
+    write_outputs(result, paths, {})
     assert len(read_pairs(paths.pairs)) == m["n_pairs"]
     assert len(read_pairs(paths.heldout_pairs)) == m["heldout_pairs"]
     located = [json.loads(line)["location"] for line in paths.quarantine.read_text().splitlines()]

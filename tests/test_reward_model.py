@@ -1,8 +1,10 @@
-"""Tests for dpoflow.reward_model (Stage 4) on the tiny random model: a planted preference is learned, the split by
+"""Tests for the reward model (Stage 4) on the tiny random model: a planted preference is learned, the split by
 prompt never leaks, save/load round-trips, batched scoring equals one-by-one, stale bases are refused, the gate
 prescribes, and the stage script writes its artifacts."""
+
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -11,37 +13,69 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 import yaml
+from mlx.utils import tree_flatten
 
-from dpoflow import models
-from dpoflow.batching import encode_pair
-from dpoflow.data import make_pair, write_pairs
-from dpoflow.gates import evaluate_gate
-from dpoflow.losses import bradley_terry_loss
-from dpoflow.params import Params, parse_params
-from dpoflow.reward_model import (
+from dpoflow.core.batching import encode_pair
+from dpoflow.core.losses import bradley_terry_loss
+from dpoflow.data.pairs import make_pair, write_pairs
+from dpoflow.eval.gates import evaluate_gate
+from dpoflow.modeling.loading import load_model, model_hash
+from dpoflow.modeling.reward_model import (
     HEAD_FILE,
     RewardModelError,
     StaleRewardModelError,
     build_reward_model,
-    find_contradictions,
     load_reward_model,
+    save_reward_model,
+)
+from dpoflow.runtime.params import Params, RewardModelParams, parse_params
+from dpoflow.training.reward import (
+    find_contradictions,
     make_batch,
     pair_margins,
     prompt_key,
     reward_loss,
-    save_reward_model,
     split_by_prompt,
     train_reward_model,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "the cat sat on a mat with red blue green dog ran far away near house tree river sun moon star".split()
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "with",
+    "red",
+    "blue",
+    "green",
+    "dog",
+    "ran",
+    "far",
+    "away",
+    "near",
+    "house",
+    "tree",
+    "river",
+    "sun",
+    "moon",
+    "star",
+]
 MARKER = "banana"
 MAX_LEN = 64
+
+RM_KEYS = {f.name for f in dataclasses.fields(RewardModelParams)}
+
+
+def train_rm(rm, pairs, **kw):
+    """train_reward_model with the params given as keywords (center_coef 0 unless given)."""
+    params = RewardModelParams(**{"center_coef": 0.0, **{k: kw.pop(k) for k in list(kw) if k in RM_KEYS}})
+    return train_reward_model(rm, pairs, params, **kw)
 
 
 def planted_pairs(n_prompts: int = 80, per_prompt: int = 2, seed: int = 0) -> list[dict]:
@@ -59,7 +93,7 @@ def planted_pairs(n_prompts: int = 80, per_prompt: int = 2, seed: int = 0) -> li
 
 
 def fresh_rm(model_dir, seed: int = 0):
-    backbone, tokenizer = models.load_model(model_dir, dtype="float32")
+    backbone, tokenizer = load_model(model_dir, dtype="float32")
     return build_reward_model(backbone, tokenizer, lora_rank=4, lora_layers=2, seed=seed, max_seq_len=MAX_LEN)
 
 
@@ -68,8 +102,17 @@ def trained(tiny_model_dir):
     """A reward model trained on the planted preference (3 epochs, 48 steps, ~2 s) and its metrics."""
     rm = fresh_rm(tiny_model_dir)
     pairs = planted_pairs()
-    metrics = train_reward_model(rm, pairs, learning_rate=1e-3, epochs=3, batch_size=8, seed=0, val_fraction=0.2,
-                                 center_coef=0.01, contradiction_filter=0.9)
+    metrics = train_rm(
+        rm,
+        pairs,
+        learning_rate=1e-3,
+        epochs=3,
+        batch_size=8,
+        seed=0,
+        val_fraction=0.2,
+        center_coef=0.01,
+        contradiction_filter=0.9,
+    )
     return rm, pairs, metrics
 
 
@@ -78,11 +121,11 @@ def trained(tiny_model_dir):
 
 def test_learns_planted_preference(trained):
     rm, pairs, m = trained
-    assert m["val_accuracy"] >= 0.8, m          # chance is 0.5
+    assert m["val_accuracy"] >= 0.8, m  # chance is 0.5
     assert m["train_accuracy"] >= 0.8, m
     assert m["val_margin_mean"] > 0.5
     assert m["n_train"] + m["n_val"] == len(pairs)
-    assert m["n_val_prompts"] == 16 and m["n_train_prompts"] == 64    # 20% of 80 prompts
+    assert m["n_val_prompts"] == 16 and m["n_train_prompts"] == 64  # 20% of 80 prompts
     assert m["steps"] == 3 * int(np.ceil(m["n_train"] / 8)) and m["steps_per_epoch"] == m["n_train"] // 8
     assert m["overfit_gap"] == pytest.approx(m["train_accuracy"] - m["val_accuracy"])
     assert m["overfit"] is (m["overfit_gap"] > 0.15)
@@ -96,7 +139,7 @@ def test_training_is_deterministic(tiny_model_dir):
     pairs = planted_pairs(n_prompts=20, per_prompt=1)
     runs = []
     for _ in range(2):
-        m = train_reward_model(fresh_rm(tiny_model_dir), pairs, learning_rate=1e-3, epochs=1, batch_size=4, seed=1)
+        m = train_rm(fresh_rm(tiny_model_dir), pairs, learning_rate=1e-3, epochs=1, batch_size=4, seed=1)
         m.pop("perf")
         runs.append(json.dumps(m, sort_keys=True))
     assert runs[0] == runs[1]
@@ -105,16 +148,15 @@ def test_training_is_deterministic(tiny_model_dir):
 def test_killed_run_resumes_to_the_same_metrics(tiny_model_dir, tmp_path):
     pairs = planted_pairs(n_prompts=20, per_prompt=1)
     kwargs = dict(learning_rate=1e-3, epochs=2, batch_size=4, seed=0, checkpoint_every=2, fingerprint="f")
-    full = train_reward_model(fresh_rm(tiny_model_dir), pairs, **kwargs)
+    full = train_rm(fresh_rm(tiny_model_dir), pairs, **kwargs)
 
     def die_at_step_5(step, metrics):
         if step == 5:  # the checkpoint of step 4 is on disk
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_reward_model(fresh_rm(tiny_model_dir), pairs, checkpoint_dir=tmp_path / "ckpt", on_step=die_at_step_5,
-                           **kwargs)
-    resumed = train_reward_model(fresh_rm(tiny_model_dir), pairs, checkpoint_dir=tmp_path / "ckpt", **kwargs)
+        train_rm(fresh_rm(tiny_model_dir), pairs, checkpoint_dir=tmp_path / "ckpt", on_step=die_at_step_5, **kwargs)
+    resumed = train_rm(fresh_rm(tiny_model_dir), pairs, checkpoint_dir=tmp_path / "ckpt", **kwargs)
     assert resumed["perf"]["resumed_from_step"] == 4
     for m in (full, resumed):
         m.pop("perf")
@@ -140,7 +182,7 @@ def test_loss_uses_margin_and_centering(tiny_model_dir):
 def test_contradictions_listed_most_confident_first():
     pairs = [{"id": f"p{i}", "task": "t", "source": "s", "score_chosen": 1.0, "score_rejected": 0.0} for i in range(4)]
     chosen = np.array([0.0, 0.0, 5.0, 0.0])
-    rejected = np.array([3.0, 0.1, 0.0, 5.0])     # P(rejected > chosen): 0.95, 0.52, 0.007, 0.993
+    rejected = np.array([3.0, 0.1, 0.0, 5.0])  # P(rejected > chosen): 0.95, 0.52, 0.007, 0.993
     rows = find_contradictions(pairs, chosen, rejected, 0.9, ["train", "val", "train", "val"])
     assert [r["id"] for r in rows] == ["p3", "p0"]
     assert rows[0]["split"] == "val" and rows[0]["p_rejected_preferred"] == pytest.approx(1 / (1 + np.exp(-5)))
@@ -173,7 +215,7 @@ def test_split_never_leaks_a_prompt(seed, fraction):
 def test_split_depends_on_seed_and_needs_two_prompts():
     pairs = planted_pairs(n_prompts=40, per_prompt=1)
     assert split_by_prompt(pairs, 0.2, 0)[1] != split_by_prompt(pairs, 0.2, 1)[1]
-    assert len(split_by_prompt(pairs[:2], 0.01, 0)[1]) == 1      # at least one validation prompt
+    assert len(split_by_prompt(pairs[:2], 0.01, 0)[1]) == 1  # at least one validation prompt
     with pytest.raises(ValueError, match="distinct prompt"):
         split_by_prompt(planted_pairs(n_prompts=1, per_prompt=3), 0.2, 0)
 
@@ -191,10 +233,12 @@ def test_score_batches_equal_one_by_one(trained):
     assert rm.score(prompts, responses, batch_size=16) == pytest.approx(batched, abs=1e-5)
     # score_pairs tokenizes as training does; with no truncation it agrees with score().
     chosen, rejected = rm.score_pairs(pairs[:5], batch_size=2)
-    np.testing.assert_allclose(chosen, rm.score([p["prompt"] for p in pairs[:5]], [p["chosen"] for p in pairs[:5]]),
-                               atol=1e-5)
-    np.testing.assert_allclose(rejected, rm.score([p["prompt"] for p in pairs[:5]],
-                                                  [p["rejected"] for p in pairs[:5]]), atol=1e-5)
+    np.testing.assert_allclose(
+        chosen, rm.score([p["prompt"] for p in pairs[:5]], [p["chosen"] for p in pairs[:5]]), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        rejected, rm.score([p["prompt"] for p in pairs[:5]], [p["rejected"] for p in pairs[:5]]), atol=1e-5
+    )
     with pytest.raises(ValueError):
         rm.score(prompts, responses[:-1])
 
@@ -207,12 +251,13 @@ def test_shared_prompt_rewards_and_gradients_equal_the_full_forward(tiny_model_d
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from dpoflow import logprobs
-    from dpoflow.batching import EncodedPair
+    from dpoflow.core import logprobs
+    from dpoflow.core.batching import EncodedPair
 
-    backbone, tokenizer = models.load_model(tiny_model_dir, dtype="float32")
-    rm = build_reward_model(backbone, tokenizer, lora_rank=4, lora_layers=2, seed=3, max_seq_len=MAX_LEN,
-                            lm_logprob_weight=lm_weight)
+    backbone, tokenizer = load_model(tiny_model_dir, dtype="float32")
+    rm = build_reward_model(
+        backbone, tokenizer, lora_rank=4, lora_layers=2, seed=3, max_seq_len=MAX_LEN, lm_logprob_weight=lm_weight
+    )
     assert ("lm_weight" in rm) == bool(lm_weight)
     pairs = planted_pairs(n_prompts=4, per_prompt=1, seed=5)
     pairs[1] = dict(pairs[1], chosen="banana", rejected="a much longer rejected answer than the chosen one")
@@ -236,12 +281,13 @@ def test_shared_prompt_rewards_and_gradients_equal_the_full_forward(tiny_model_d
 
 def test_lm_term_is_the_mean_completion_logprob_and_round_trips(tiny_model_dir, tmp_path):
     """reward = head(last hidden) + w * mean log p(completion | prompt); w is trained and saved with the head."""
-    from dpoflow.batching import collate_sequences
-    from dpoflow.logprobs import completion_logprobs
+    from dpoflow.core.batching import collate_sequences
+    from dpoflow.core.logprobs import completion_logprobs
 
-    backbone, tokenizer = models.load_model(tiny_model_dir, dtype="float32")
-    with_lm = build_reward_model(backbone, tokenizer, lora_rank=4, lora_layers=2, seed=1, max_seq_len=MAX_LEN,
-                                 lm_logprob_weight=3.0)
+    backbone, tokenizer = load_model(tiny_model_dir, dtype="float32")
+    with_lm = build_reward_model(
+        backbone, tokenizer, lora_rank=4, lora_layers=2, seed=1, max_seq_len=MAX_LEN, lm_logprob_weight=3.0
+    )
     pairs = planted_pairs(n_prompts=3, per_prompt=1, seed=2)
     encoded = [with_lm.encode(p["prompt"], p["chosen"]) for p in pairs]
     batch = collate_sequences([e[0] for e in encoded], [e[1] for e in encoded], with_lm.pad_id)
@@ -265,9 +311,10 @@ def test_save_load_round_trip_identical_scores(trained, tiny_model_dir, tmp_path
     rm, pairs, _ = trained
     out = save_reward_model(rm, tmp_path / "reward", tiny_model_dir)
     assert sorted(f.name for f in out.iterdir()) == sorted(
-        ["adapters.safetensors", "adapter_config.json", HEAD_FILE, "reward_config.json"])
+        ["adapters.safetensors", "adapter_config.json", HEAD_FILE, "reward_config.json"]
+    )
     config = json.loads((out / "reward_config.json").read_text())
-    assert config["base_model_hash"] == models.model_hash(tiny_model_dir)
+    assert config["base_model_hash"] == model_hash(tiny_model_dir)
     assert config["hidden_size"] == 64 and config["head_position"] == "last_non_pad"
     loaded = load_reward_model(out)
     prompts, responses = [p["prompt"] for p in pairs[:9]], [p["chosen"] for p in pairs[:9]]
@@ -281,7 +328,7 @@ def test_stale_base_hash_detected(trained, tiny_model_dir, tmp_path):
     out = save_reward_model(rm, tmp_path / "reward", base)
     load_reward_model(out)  # fine while the base is unchanged
     config = json.loads((base / "config.json").read_text())
-    config["rms_norm_eps"] = 1e-6   # the base model was retrained / changed
+    config["rms_norm_eps"] = 1e-6  # the base model was retrained / changed
     (base / "config.json").write_text(json.dumps(config))
     with pytest.raises(StaleRewardModelError, match=r"stale.*dvc repro reward_model"):
         load_reward_model(out)
@@ -329,12 +376,25 @@ def test_stage_writes_artifacts(tiny_model_dir, tmp_path):
     raw["reward_model"].update(learning_rate=1e-3, epochs=1, lora_layers=2, contradiction_filter=0.5)
     parse_params(raw)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "reward_model.py")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "reward_model.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics" / "reward_model.json").read_text())
-    for key in ("val_accuracy", "overfit_gap", "train_accuracy", "val_margin_mean", "n_train", "n_val", "overfit",
-                "n_contradictions"):
+    for key in (
+        "val_accuracy",
+        "overfit_gap",
+        "train_accuracy",
+        "val_margin_mean",
+        "n_train",
+        "n_val",
+        "overfit",
+        "n_contradictions",
+    ):
         assert key in metrics, key
     assert "perf" not in metrics
     assert "tokens_per_sec" in json.loads((tmp_path / "metrics" / "perf" / "reward_model.json").read_text())

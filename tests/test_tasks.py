@@ -1,10 +1,11 @@
-"""dpoflow.tasks: deterministic disjoint splits, the reasoning-gym checker as verifier, prompts, SFT targets."""
+"""dpoflow.data.tasks: deterministic disjoint splits, the reasoning-gym checker as verifier, prompts, SFT targets."""
+
 from __future__ import annotations
 
 import pytest
 
-from dpoflow import tasks
-from dpoflow.lm_eval_tasks.task_utils import canonical_number, extract_last_number, process_results_exact_match
+from dpoflow.data import tasks
+from dpoflow.data.lm_eval_tasks.task_utils import canonical_number, extract_last_number, process_results_exact_match
 
 SIZES = {"eval": 30, "heldout": 20, "sft_val": 10, "pref_prompts": 40, "rounds": 30, "sft_train": 60}
 
@@ -72,8 +73,10 @@ def test_sft_target_scores_full_and_is_short(splits):
 
 def test_prompt_shape():
     messages = tasks.make_prompt("Calculate 2 + 3.")
-    assert messages == [{"role": "system", "content": tasks.SYSTEM_PROMPT},
-                        {"role": "user", "content": "Calculate 2 + 3.\nAnswer with only the final number."}]
+    assert messages == [
+        {"role": "system", "content": tasks.SYSTEM_PROMPT},
+        {"role": "user", "content": "Calculate 2 + 3.\nAnswer with only the final number."},
+    ]
     assert [m["role"] for m in tasks.make_prompt("Q", system_prompt=None)] == ["user"]
 
 
@@ -89,8 +92,10 @@ def test_answer_extraction_edge_cases():
 
 
 def test_other_reasoning_gym_tasks_and_aliases():
-    spec = {"products": {"weight": 1, "config": {"min_digits": 1, "max_digits": 1}},
-            "add_again": {"dataset": "chain_sum", "weight": 1, "config": {"min_terms": 2, "max_terms": 2}}}
+    spec = {
+        "products": {"weight": 1, "config": {"min_digits": 1, "max_digits": 1}},
+        "add_again": {"dataset": "chain_sum", "weight": 1, "config": {"min_terms": 2, "max_terms": 2}},
+    }
     out = tasks.build_splits(spec, {"eval": 10}, seed=0)
     assert {i["task"] for i in out["eval"]} == {"products", "add_again"}
     for item in out["eval"]:

@@ -1,4 +1,5 @@
-"""dpoflow.training_metrics: gap, conflicts, duplicates, decontamination, gate flags, the documented snippet."""
+"""dpoflow.data.validation: gap, conflicts, duplicates, decontamination, gate flags, the documented snippet."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dpoflow.data import make_pair, write_pairs
-from dpoflow.training_metrics import PairValidation, ngram_set, normalize_text, validate_dpo_pairs
+from dpoflow.data.decontamination import ngram_set, normalize_text
+from dpoflow.data.pairs import make_pair, write_pairs
+from dpoflow.data.validation import PairValidation, validate_dpo_pairs
 
 
 def plain(prompt: str, chosen: str, rejected: str, sc: float | None = None, sr: float | None = None) -> dict:
@@ -103,11 +105,18 @@ def test_three_cycle_is_detected_and_dropped_on_tie():
 
 
 def test_three_cycle_majority_drops_the_weakest_edge():
-    rows = [plain("q", "A", "B"), plain("q", "A", "B"), plain("q", "B", "C"), plain("q", "B", "C"),
-            plain("q", "C", "A")]
+    rows = [
+        plain("q", "A", "B"),
+        plain("q", "A", "B"),
+        plain("q", "B", "C"),
+        plain("q", "B", "C"),
+        plain("q", "C", "A"),
+    ]
     result = validate(rows)
-    assert reasons(result)[0] == ("<pairs>:5", "conflict: preference cycle among 3 responses to the same "
-                                               "prompt (fewest votes)")
+    assert reasons(result)[0] == (
+        "<pairs>:5",
+        "conflict: preference cycle among 3 responses to the same prompt (fewest votes)",
+    )
     assert result.n_conflicts == 1 and result.n_duplicates == 2 and result.n_pairs == 2
 
 
@@ -119,26 +128,32 @@ def test_conflict_rule_is_checked():
 # ---------------------------------------------------------------------------------------------- decontamination
 
 
-EVAL = {"gsm": ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."],
-        "arith": ["What is 17 + 25?"]}
+EVAL = {
+    "gsm": ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."],
+    "arith": ["What is 17 + 25?"],
+}
 
 
 def test_clean_data_scores_one():
-    result = validate([plain("What is 3 + 4?", "7", "8"), plain("Name a color.", "Blue", "Seven")],
-                      eval_texts=EVAL)
+    result = validate([plain("What is 3 + 4?", "7", "8"), plain("Name a color.", "Blue", "Seven")], eval_texts=EVAL)
     assert result.decontamination == 1.0 and result.n_contaminated == 0
     assert result.decontamination_checked and result.eval_sets == ["arith", "gsm"]
 
 
 def test_planted_overlap_is_found_and_removed():
     planted = "Question: natalia SOLD clips to 48 of her friends in April -- how many in May?"
-    rows = [plain(planted, "72", "50"), plain("What is 3 + 4?", "7", "8"),
-            plain("Solve: what is 17+25? Answer with only the final number.", "42", "41"),
-            plain("Name a color.", "Blue", "Seven")]
+    rows = [
+        plain(planted, "72", "50"),
+        plain("What is 3 + 4?", "7", "8"),
+        plain("Solve: what is 17+25? Answer with only the final number.", "42", "41"),
+        plain("Name a color.", "Blue", "Seven"),
+    ]
     result = validate(rows, eval_texts=EVAL)
     assert result.n_contaminated == 2
-    assert [(c["location"], c["eval_sets"]) for c in result.contaminated] == [("<pairs>:1", ["gsm"]),
-                                                                              ("<pairs>:3", ["arith"])]
+    assert [(c["location"], c["eval_sets"]) for c in result.contaminated] == [
+        ("<pairs>:1", ["gsm"]),
+        ("<pairs>:3", ["arith"]),
+    ]
     assert result.decontamination == pytest.approx(0.5)  # measured before removal
     assert reasons(result) == [("<pairs>:1", "contaminated: gsm"), ("<pairs>:3", "contaminated: arith")]
     assert [q["field"] for q in result.quarantined] == ["prompt[0].content", "prompt[0].content"]
@@ -158,8 +173,7 @@ def test_short_eval_text_needs_the_whole_sequence():
 
 
 def test_very_short_eval_text_needs_an_exact_match():
-    result = validate([plain("hello", "hi", "no"), plain("hello there", "hi", "no")],
-                      eval_texts={"tiny": ["Hello!"]})
+    result = validate([plain("hello", "hi", "no"), plain("hello there", "hi", "no")], eval_texts={"tiny": ["Hello!"]})
     assert [c["location"] for c in result.contaminated] == ["<pairs>:1"]
 
 
@@ -231,8 +245,7 @@ def test_exactly_one_input():
 
 
 def test_canonical_parquet_input(tmp_path):
-    pairs = [make_pair([{"role": "user", "content": f"q{i}"}], "a", "b", 1.0, 0.0, source="verifier")
-             for i in range(3)]
+    pairs = [make_pair([{"role": "user", "content": f"q{i}"}], "a", "b", 1.0, 0.0, source="verifier") for i in range(3)]
     write_pairs(pairs, tmp_path / "pairs.parquet")
     result = validate_dpo_pairs(dpo_path=tmp_path / "pairs.parquet", min_pairs=3)
     assert result.accepted == pairs and result.all_passed
@@ -242,7 +255,7 @@ def test_canonical_parquet_input(tmp_path):
 
 
 SNIPPET = textwrap.dedent("""\
-    from dpoflow.training_metrics import validate_dpo_pairs
+    from dpoflow.data.validation import validate_dpo_pairs
     metrics = validate_dpo_pairs(dpo_path=Path("preference_pairs.jsonl"), gap_threshold=3/20)
 """)
 

@@ -1,9 +1,10 @@
-"""dpoflow.tune / `python -m dpoflow tune-batch` on the tiny model."""
+"""dpoflow.training.tune / `python -m dpoflow tune-batch` on the tiny model."""
+
 from click.testing import CliRunner
 
 from dpoflow.__main__ import cli
-from dpoflow.params import DpoParams
-from dpoflow.tune import Trial, choose, tune_batch
+from dpoflow.runtime.params import DpoParams
+from dpoflow.training.tune import Trial, choose, tune_batch
 
 
 def test_choose_takes_the_smallest_batch_near_the_best_throughput():
@@ -13,12 +14,22 @@ def test_choose_takes_the_smallest_batch_near_the_best_throughput():
 
 
 def test_tune_batch_times_each_candidate_and_stops_at_the_memory_budget(tiny_model_dir):
-    trials, best = tune_batch(tiny_model_dir, DpoParams(), [1, 2], prompt_len=8, completion_len=4, steps=1,
-                              log=lambda m: None)
+    trials, best = tune_batch(
+        tiny_model_dir, DpoParams(), [1, 2], prompt_len=8, completion_len=4, steps=1, log=lambda m: None
+    )
     assert [t.batch_size for t in trials] == [1, 2] and best in trials
     assert all(t.step_seconds > 0 and t.peak_memory_gb > 0 for t in trials)
-    small, _ = tune_batch(tiny_model_dir, DpoParams(), [1, 2, 4], prompt_len=8, completion_len=4, steps=1,
-                          memory_gb=trials[0].peak_memory_gb * 1.2, memory_fraction=1.0, log=lambda m: None)
+    small, _ = tune_batch(
+        tiny_model_dir,
+        DpoParams(),
+        [1, 2, 4],
+        prompt_len=8,
+        completion_len=4,
+        steps=1,
+        memory_gb=trials[0].peak_memory_gb * 1.2,
+        memory_fraction=1.0,
+        log=lambda m: None,
+    )
     assert [t.batch_size for t in small] == [1]
 
 
@@ -28,7 +39,23 @@ def test_cli_prints_the_params_entry(tiny_model_dir, tmp_path):
 
     params = tmp_path / "params.yaml"
     shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", params)
-    out = CliRunner().invoke(cli, ["tune-batch", "--params", str(params), "--model", str(tiny_model_dir),
-                                   "--candidates", "1,2", "--steps", "1", "--prompt-len", "8", "--completion-len", "4"])
+    out = CliRunner().invoke(
+        cli,
+        [
+            "tune-batch",
+            "--params",
+            str(params),
+            "--model",
+            str(tiny_model_dir),
+            "--candidates",
+            "1,2",
+            "--steps",
+            "1",
+            "--prompt-len",
+            "8",
+            "--completion-len",
+            "4",
+        ],
+    )
     assert out.exit_code == 0, out.output
     assert "batch_size:\n  cpu: " in out.output

@@ -1,0 +1,138 @@
+"""Human evaluation: a blind side-by-side sheet of the final and the baseline model's responses, and its import
+(the same win-rate function as the automatic judge)."""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dpoflow.eval.win_rate import win_rate
+from dpoflow.runtime import io
+
+SHEET_COLUMNS = ("row", "prompt", "response_a", "response_b", "preference", "comment")
+KEY_FORMAT = "dpoflow-human-eval-key-v1"
+RATINGS = {"a": "a", "b": "b", "tie": "tie", "=": "tie", "equal": "tie", "same": "tie"}
+
+
+def _shown_prompt(prompt: Sequence[Mapping[str, str]]) -> str:
+    """What the rater reads: the user turn(s) (the system prompt is the same for every row)."""
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return "\n".join(users) if users else "\n".join(m["content"] for m in prompt)
+
+
+def export_human_sheet(
+    judgments: Sequence[Mapping[str, Any]],
+    sheet_csv: str | Path,
+    key_json: str | Path,
+    n_rows: int,
+    seed: int = 0,
+    bootstrap_samples: int = 2000,
+    meta: Mapping[str, Any] | None = None,
+) -> dict:
+    """Write a blind side-by-side CSV (columns SHEET_COLUMNS; `preference` left blank for A / B / tie) and, separately,
+    the key mapping each row's A and B to final / baseline.
+
+    Rows: a seeded sample of min(n_rows, len(judgments)) prompts in a seeded random order; which model is A is a
+    seeded coin flip per row. Nothing in the sheet names a model. Returns a summary."""
+    rng = random.Random(f"dpoflow-human-eval:{seed}")
+    n = min(int(n_rows), len(judgments))
+    chosen = rng.sample(range(len(judgments)), n)
+    rows, key_rows = [], {}
+    for number, index in enumerate(chosen, start=1):
+        j = judgments[index]
+        final_is_a = rng.random() < 0.5
+        a, b = (j["final"], j["baseline"]) if final_is_a else (j["baseline"], j["final"])
+        rows.append(
+            {
+                "row": str(number),
+                "prompt": _shown_prompt(j["prompt"]),
+                "response_a": a,
+                "response_b": b,
+                "preference": "",
+                "comment": "",
+            }
+        )
+        key_rows[str(number)] = {
+            "a": "final" if final_is_a else "baseline",
+            "b": "baseline" if final_is_a else "final",
+            "index": j.get("index", index),
+            "id": j.get("id"),
+        }
+    with io.atomic_path(sheet_csv) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(SHEET_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    io.write_json(
+        key_json,
+        {
+            "format": KEY_FORMAT,
+            "seed": int(seed),
+            "bootstrap_samples": int(bootstrap_samples),
+            "rows": key_rows,
+            **({"meta": dict(meta)} if meta else {}),
+        },
+    )
+    return {"rows": n, "sheet": str(sheet_csv), "key": str(key_json)}
+
+
+def read_human_ratings(sheet_csv: str | Path, key_json: str | Path) -> tuple[list[float], dict]:
+    """(outcomes for the final model, counts) from a filled-in sheet and its key. `preference` per row: A, B or tie
+    (also "=", "equal", "same"; case-insensitive); blank = not rated (skipped and counted). Anything else raises
+    ValueError naming file:line:preference."""
+    key = io.read_json(key_json)
+    if key.get("format") != KEY_FORMAT:
+        raise ValueError(f"{key_json}: not a dpoflow human-eval key (format {key.get('format')!r})")
+    outcomes, unrated, seen = [], 0, set()
+    with open(sheet_csv, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("row", "preference") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(
+                f"{sheet_csv}:1: header: column {missing[0]!r} missing (expected {', '.join(SHEET_COLUMNS)})"
+            )
+        for row in reader:
+            line = reader.line_num  # the record's last physical line (prompts may span lines)
+            number = (row.get("row") or "").strip()
+            if number not in key["rows"]:
+                raise ValueError(f"{sheet_csv}:{line}: row: {number!r} is not a row of {key_json}")
+            if number in seen:
+                raise ValueError(f"{sheet_csv}:{line}: row: {number!r} appears twice")
+            seen.add(number)
+            raw = (row.get("preference") or "").strip()
+            if not raw:
+                unrated += 1
+                continue
+            rating = RATINGS.get(raw.lower())
+            if rating is None:
+                raise ValueError(
+                    f"{sheet_csv}:{line}: preference: {raw!r} is not one of A, B, tie (blank = not rated) "
+                    f"[sheet row {number}]"
+                )
+            if rating == "tie":
+                outcomes.append(0.5)
+            else:
+                outcomes.append(1.0 if key["rows"][number][rating] == "final" else 0.0)
+    return outcomes, {
+        "rated": len(outcomes),
+        "unrated": unrated,
+        "rows_in_key": len(key["rows"]),
+        "seed": key.get("seed", 0),
+        "bootstrap_samples": key.get("bootstrap_samples", 2000),
+    }
+
+
+def import_human_ratings(
+    sheet_csv: str | Path, key_json: str | Path, *, bootstrap_samples: int | None = None, seed: int | None = None
+) -> dict:
+    """Win rate of the final model from human ratings: the same `win_rate` as the automatic path, with the
+    bootstrap settings recorded in the key (overridable). Returns win_rate's dict + rated / unrated counts."""
+    outcomes, info = read_human_ratings(sheet_csv, key_json)
+    result = win_rate(
+        outcomes,
+        bootstrap_samples=info["bootstrap_samples"] if bootstrap_samples is None else bootstrap_samples,
+        seed=info["seed"] if seed is None else seed,
+    )
+    return {**result, "rated": info["rated"], "unrated": info["unrated"], "source": str(sheet_csv)}

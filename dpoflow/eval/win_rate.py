@@ -1,0 +1,166 @@
+"""Win rate of the final model over the baseline (SFT) model, judged prompt by prompt, with a bootstrap interval.
+
+* Responses: one per prompt and model, greedy (`temperature` 0) or sampled at `temperature` with the same seed for
+  both models. DPO moves the policy's sampling distribution; greedy decoding shows only where its mode flipped.
+  The gated win rate uses `evaluate.win_rate_temperature`; the other decoding is measured and reported beside it.
+* Outcome of one prompt: 1 = the final model's response is judged better than the baseline's, 0 = worse,
+  0.5 = tie (equal judge scores, or identical text). Win rate = mean outcome (ties count half).
+* 95% interval: percentile bootstrap over prompts, `bootstrap_samples` resamples from a seeded generator; a
+  resample of n outcomes is drawn as multinomial counts of (win, tie, loss), which is the same distribution as
+  resampling prompts with replacement and makes the interval independent of the order of the judgments (so the
+  human-sheet round trip reproduces it exactly). Alignment improved = the interval's lower bound > 0.5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from dpoflow.modeling.generation import generate
+
+CONFIDENCE = 0.95
+OTHER_DECODING_TEMPERATURE = 1.0  # reported-only sampled win rate when the gated one is greedy: the policy itself
+
+
+def outcome_of(score_final: float, score_baseline: float, same_text: bool = False) -> float:
+    """1.0 final better, 0.0 baseline better, 0.5 tie (equal scores or identical responses)."""
+    if same_text or score_final == score_baseline:
+        return 0.5
+    return 1.0 if score_final > score_baseline else 0.0
+
+
+def win_rate(
+    outcomes: Sequence[float], bootstrap_samples: int = 2000, seed: int = 0, confidence: float = CONFIDENCE
+) -> dict:
+    """Win rate (ties count half) and its percentile-bootstrap interval; see the module docstring.
+
+    Returns {"win_rate", "ci_low", "ci_high", "n", "wins", "ties", "losses", "bootstrap_samples", "confidence",
+    "seed"}; the rate and bounds are None when there are no outcomes."""
+    values = [float(o) for o in outcomes]
+    bad = [v for v in values if v not in (0.0, 0.5, 1.0)]
+    if bad:
+        raise ValueError(f"outcomes must be 0, 0.5 or 1; got {bad[0]!r}")
+    if bootstrap_samples < 1:
+        raise ValueError(f"bootstrap_samples must be >= 1, got {bootstrap_samples}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    n = len(values)
+    wins, ties = values.count(1.0), values.count(0.5)
+    losses = n - wins - ties
+    out = {
+        "n": n,
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
+        "bootstrap_samples": int(bootstrap_samples),
+        "confidence": confidence,
+        "seed": int(seed),
+    }
+    if n == 0:
+        return {**out, "win_rate": None, "ci_low": None, "ci_high": None}
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n, [wins / n, ties / n, losses / n], size=int(bootstrap_samples))
+    rates = (counts[:, 0] + 0.5 * counts[:, 1]) / n
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(rates, [alpha, 1.0 - alpha])
+    return {**out, "win_rate": (wins + 0.5 * ties) / n, "ci_low": float(low), "ci_high": float(high)}
+
+
+def pairwise_judgments(
+    judge: Any,
+    items: Sequence[Mapping[str, Any] | None],
+    prompts: Sequence[list[dict]],
+    final_texts: Sequence[str],
+    baseline_texts: Sequence[str],
+) -> list[dict]:
+    """Judge the final model's response against the baseline's, prompt by prompt, with the configured judge
+    (verifier: tasks.score; reward_model: rewards, compared within the prompt). One dict per prompt:
+    {"index", "id", "prompt", "final", "baseline", "score_final", "score_baseline", "outcome"}."""
+    if not len(items) == len(prompts) == len(final_texts) == len(baseline_texts):
+        raise ValueError("items, prompts, final_texts and baseline_texts must have the same length")
+    if not getattr(judge, "generates", True):
+        raise ValueError(
+            "the win rate needs a scoring judge (verifier or reward_model); the import judge only "
+            "provides labelled pairs: use the human evaluation sheet instead"
+        )
+    scores = (
+        judge.score(list(items), [list(p) for p in prompts], [[f, b] for f, b in zip(final_texts, baseline_texts)])
+        if prompts
+        else []
+    )
+    out = []
+    for i, (item, prompt, f, b, s) in enumerate(zip(items, prompts, final_texts, baseline_texts, scores)):
+        out.append(
+            {
+                "index": i,
+                "id": (item or {}).get("id", str(i)),
+                "prompt": list(prompt),
+                "final": f,
+                "baseline": b,
+                "score_final": float(s[0]),
+                "score_baseline": float(s[1]),
+                "outcome": outcome_of(float(s[0]), float(s[1]), f.strip() == b.strip()),
+            }
+        )
+    return out
+
+
+def responses(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[dict]],
+    max_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    desc: str = "responses",
+) -> list[str]:
+    """One response per prompt: greedy when temperature is 0 (the model's mode), else one sample drawn with `seed`.
+    Both are deterministic for the same model, prompts and seed."""
+
+    if not prompts:
+        return []
+    gens = generate(
+        model,
+        tokenizer,
+        [list(p) for p in prompts],
+        n_samples=1,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        desc=desc,
+    )
+    return [texts[0] for texts in gens.texts]
+
+
+def decoding_name(temperature: float) -> str:
+    return "greedy" if temperature == 0 else f"sampled (temperature {temperature:g})"
+
+
+def head_to_head(
+    final_model: Any,
+    sft_model: Any,
+    tokenizer: Any,
+    judge: Any,
+    items: Sequence[Mapping[str, Any]],
+    prompts: Sequence[list[dict]],
+    max_tokens: int,
+    temperature: float,
+    seed: int,
+    bootstrap_samples: int,
+    batch_size: int,
+) -> tuple[dict, list[dict]]:
+    """Win rate (with its bootstrap interval) of the final model's responses over the SFT model's, and the
+    per-prompt judgments, for one decoding."""
+    label = decoding_name(temperature)
+    final_texts = responses(
+        final_model, tokenizer, prompts, max_tokens, temperature, seed, batch_size, f"final responses, {label}"
+    )
+    base_texts = responses(
+        sft_model, tokenizer, prompts, max_tokens, temperature, seed, batch_size, f"SFT responses, {label}"
+    )
+    judgments = pairwise_judgments(judge, list(items), list(prompts), final_texts, base_texts)
+    return win_rate([j["outcome"] for j in judgments], bootstrap_samples=bootstrap_samples, seed=seed), judgments
