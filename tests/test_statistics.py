@@ -1,15 +1,23 @@
-"""Tests for dpoflow.eval_statistics (issue 22): interval coverage by simulation, the paired retention gate's power,
+"""Tests for dpoflow.eval.statistics (issue 22): interval coverage by simulation, the paired retention gate's power,
 exact sign-test values, the informative rule, validation and determinism. Fast: small bootstrap counts, binary
 scores take the multinomial path; the whole file runs in a few seconds."""
+
 import math
 
 import numpy as np
 import pytest
 
-from dpoflow import eval_statistics as es
-from dpoflow.eval_statistics import (bootstrap_mean_interval, detectable_regression_line, documents_needed,
-                                     min_detectable_regression, non_inferiority, p_greater, paired_retention,
-                                     sign_test, wilson_interval, z_value)
+from dpoflow.eval import significance as es
+from dpoflow.eval import statistics
+from dpoflow.eval.significance import (
+    detectable_regression_line,
+    documents_needed,
+    min_detectable_regression,
+    p_greater,
+    sign_test,
+    z_value,
+)
+from dpoflow.eval.statistics import bootstrap_mean_interval, non_inferiority, paired_retention, wilson_interval
 
 SEEDS = range(200)
 BOOT = 300  # bootstrap resamples in the simulations: enough for a 95% percentile interval's coverage
@@ -43,7 +51,7 @@ def lower_bounds(n, p0, retention, discordance, seeds=SEEDS, samples=BOOT):
 @pytest.mark.parametrize("p,n", [(0.5, 20), (0.1, 50), (0.3, 100), (0.9, 200), (0.02, 400)])
 def test_wilson_exact_coverage(p, n):
     """Exact coverage, no simulation: sum over k of Binomial(n, p).pmf(k) * [low(k) <= p <= high(k)]."""
-    pmf = [math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(n + 1)]
+    pmf = [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
     covered = sum(w for k, w in enumerate(pmf) if wilson_interval(k, n)[0] <= p <= wilson_interval(k, n)[1])
     assert 0.90 <= covered <= 0.99, covered
 
@@ -61,7 +69,7 @@ def test_wilson_simulated_coverage_with_half_counted_ties():
 
 def test_wilson_known_values_and_edges():
     low, high = wilson_interval(0, 10)
-    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)           # textbook value
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)  # textbook value
     low, high = wilson_interval(8, 10)
     assert (low, high) == (pytest.approx(0.4902, abs=1e-4), pytest.approx(0.9433, abs=1e-4))
     assert wilson_interval(0, 0) == (0.0, 1.0)
@@ -72,10 +80,13 @@ def test_wilson_known_values_and_edges():
         wilson_interval(3, 10, confidence=1.0)
 
 
-@pytest.mark.parametrize("draw,truth", [
-    (lambda rng, n: rng.normal(0.3, 1.0, n), 0.3),
-    (lambda rng, n: rng.gamma(2.0, 0.5, n), 1.0),                 # skewed, like KL per prompt
-])
+@pytest.mark.parametrize(
+    "draw,truth",
+    [
+        (lambda rng, n: rng.normal(0.3, 1.0, n), 0.3),
+        (lambda rng, n: rng.gamma(2.0, 0.5, n), 1.0),  # skewed, like KL per prompt
+    ],
+)
 def test_bootstrap_mean_coverage(draw, truth):
     hits = 0
     for seed in SEEDS:
@@ -194,22 +205,22 @@ def test_power_formula_values_and_inverse():
 
 
 def test_sign_test_hand_computed_values():
-    assert sign_test(9, 1) == 0.021484375                        # 2 * (1 + 10) / 1024
+    assert sign_test(9, 1) == 0.021484375  # 2 * (1 + 10) / 1024
     assert sign_test(1, 9) == 0.021484375
     assert p_greater(9, 1) == 11 / 1024
-    assert p_greater(1, 9) == 1 - 1 / 1024                       # P(W >= 1), m = 10
+    assert p_greater(1, 9) == 1 - 1 / 1024  # P(W >= 1), m = 10
     assert sign_test(10, 0) == 2 / 1024
     assert sign_test(0, 7) == 2 / 128
     assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0 and p_greater(0, 0) == 1.0
-    assert sign_test(3, 2) == 1.0                                # 2 * P(W <= 2) = 2 * 16/32 -> capped at 1
+    assert sign_test(3, 2) == 1.0  # 2 * P(W <= 2) = 2 * 16/32 -> capped at 1
     # m = 20, 15 wins: P(W <= 5) = (1 + 20 + 190 + 1140 + 4845 + 15504) / 2^20
-    assert sign_test(15, 5) == pytest.approx(2 * 21700 / 2 ** 20, rel=1e-15)
-    assert p_greater(15, 5) == pytest.approx(21700 / 2 ** 20, rel=1e-15)
+    assert sign_test(15, 5) == pytest.approx(2 * 21700 / 2**20, rel=1e-15)
+    assert p_greater(15, 5) == pytest.approx(21700 / 2**20, rel=1e-15)
 
 
 def test_sign_test_large_counts_exact_and_log_space_agree(monkeypatch):
     exact = [es._binomial_half_cdf(k, 20000) for k in (9700, 9990, 10040)]
-    monkeypatch.setattr(es, "EXACT_BINOMIAL_MAX", 0)           # force the log-space sum
+    monkeypatch.setattr(es, "EXACT_BINOMIAL_MAX", 0)  # force the log-space sum
     logspace = [es._binomial_half_cdf(k, 20000) for k in (9700, 9990, 10040)]
     assert logspace == pytest.approx(exact, rel=1e-9)
     # normal approximation check far above the exact range: z = 500 / sqrt(1e6 / 4) = 1 -> two-sided ~ 0.3173
@@ -230,17 +241,37 @@ def test_sign_test_validation():
 def test_uninformative_tasks_flagged_and_excluded_from_pooled():
     rng = np.random.default_rng(0)
     b_ok, f_ok = simulate_pair(rng, 300, 0.5, 0.9, 0.2)
-    floor_b = np.zeros(300); floor_b[:3] = 1                           # 0.01
-    floor_f = np.zeros(300); floor_f[5:11] = 1                         # 0.02: 200 %, but noise
-    ceil_b = np.ones(300); ceil_b[:2] = 0                              # 0.993
-    ceil_f = np.ones(300); ceil_f[2:5] = 0                             # 0.99
+    floor_b = np.zeros(300)
+    floor_b[:3] = 1  # 0.01
+    floor_f = np.zeros(300)
+    floor_f[5:11] = 1  # 0.02: 200 %, but noise
+    ceil_b = np.ones(300)
+    ceil_b[:2] = 0  # 0.993
+    ceil_f = np.ones(300)
+    ceil_f[2:5] = 0  # 0.99
     same = (rng.random(300) < 0.6).astype(float)
-    moved_b = np.zeros(300); moved_b[:3] = 1                           # 0.01 -> 0.3: left the floor, informative
-    moved_f = np.zeros(300); moved_f[:90] = 1
-    base = {"ok": b_ok, "floor": floor_b, "ceiling": ceil_b, "same": same, "zero": np.zeros(300),
-            "empty": [], "moved": moved_b}
-    fin = {"ok": f_ok, "floor": floor_f, "ceiling": ceil_f, "same": same.copy(), "zero": np.full(300, 0.0),
-           "empty": [], "moved": moved_f}
+    moved_b = np.zeros(300)
+    moved_b[:3] = 1  # 0.01 -> 0.3: left the floor, informative
+    moved_f = np.zeros(300)
+    moved_f[:90] = 1
+    base = {
+        "ok": b_ok,
+        "floor": floor_b,
+        "ceiling": ceil_b,
+        "same": same,
+        "zero": np.zeros(300),
+        "empty": [],
+        "moved": moved_b,
+    }
+    fin = {
+        "ok": f_ok,
+        "floor": floor_f,
+        "ceiling": ceil_f,
+        "same": same.copy(),
+        "zero": np.full(300, 0.0),
+        "empty": [],
+        "moved": moved_f,
+    }
     out = paired_retention(base, fin, 0.95, 500, 0)
     tasks = out["tasks"]
     assert out["informative_tasks"] == ["moved", "ok"]
@@ -248,15 +279,17 @@ def test_uninformative_tasks_flagged_and_excluded_from_pooled():
     assert "floor" in tasks["floor"]["reason"] and tasks["floor"]["retention"] == pytest.approx(200.0)
     assert "ceiling" in tasks["ceiling"]["reason"]
     assert "discordant" in tasks["same"]["reason"] and tasks["same"]["retention"] == 100.0
-    assert (tasks["same"]["ci_low"], tasks["same"]["ci_high"]) == (100.0, 100.0)   # the degenerate interval
+    assert (tasks["same"]["ci_low"], tasks["same"]["ci_high"]) == (100.0, 100.0)  # the degenerate interval
     assert tasks["zero"]["retention"] is None and tasks["empty"]["n"] == 0
     assert tasks["ok"]["informative"] and tasks["ok"]["min_detectable_regression"] > 0
     assert out["pooled_retention"] == pytest.approx((tasks["ok"]["retention"] + tasks["moved"]["retention"]) / 2)
     # the pooled value does not depend on the excluded tasks at all (their draws are separate)
-    alone = paired_retention({k: base[k] for k in ("ok", "moved")}, {k: fin[k] for k in ("ok", "moved")}, 0.95,
-                             500, 0)
-    assert (alone["pooled_retention"], alone["pooled_ci_low"], alone["pooled_ci_high"]) == \
-        (out["pooled_retention"], out["pooled_ci_low"], out["pooled_ci_high"])
+    alone = paired_retention({k: base[k] for k in ("ok", "moved")}, {k: fin[k] for k in ("ok", "moved")}, 0.95, 500, 0)
+    assert (alone["pooled_retention"], alone["pooled_ci_low"], alone["pooled_ci_high"]) == (
+        out["pooled_retention"],
+        out["pooled_ci_low"],
+        out["pooled_ci_high"],
+    )
     # a task's interval does not depend on which other tasks are present
     assert alone["tasks"]["ok"]["ci_low"] == tasks["ok"]["ci_low"]
 
@@ -269,8 +302,10 @@ def test_no_informative_task_leaves_pooled_undefined_and_the_gate_fails():
 
 
 def test_small_baseline_resamples_give_an_infinite_upper_bound_not_nan():
-    b = np.zeros(20); b[0] = 1                                         # one baseline-correct document
-    f = np.zeros(20); f[[0, 1, 2]] = 1
+    b = np.zeros(20)
+    b[0] = 1  # one baseline-correct document
+    f = np.zeros(20)
+    f[[0, 1, 2]] = 1
     row = paired_retention({"t": b}, {"t": f}, 0.95, 2000, 0)["tasks"]["t"]
     assert row["informative"] and row["retention"] == pytest.approx(300.0)
     assert row["ci_high"] == math.inf and math.isfinite(row["ci_low"])
@@ -323,8 +358,9 @@ def test_deterministic_for_a_fixed_seed_and_seed_sensitive():
     assert first == second
     assert paired_retention(*args[:4], 12)["pooled_ci_low"] != first["pooled_ci_low"]
     # lists and arrays give the same answer; binary tasks do not depend on the documents' order
-    as_lists = paired_retention({"x": b.tolist(), "g": g.tolist()}, {"x": f.tolist(), "g": (g * 0.9).tolist()},
-                                0.95, 800, 11)
+    as_lists = paired_retention(
+        {"x": b.tolist(), "g": g.tolist()}, {"x": f.tolist(), "g": (g * 0.9).tolist()}, 0.95, 800, 11
+    )
     assert as_lists == first
     order = rng.permutation(300)
     shuffled = paired_retention({"x": b[order]}, {"x": f[order]}, 0.95, 800, 11)["tasks"]["x"]
@@ -336,8 +372,8 @@ def test_multinomial_and_index_paths_agree(monkeypatch):
     interval by no more than bootstrap noise."""
     b, f = simulate_pair(np.random.default_rng(5), 400, 0.5, 0.9, 0.2)
     fast = paired_retention({"t": b}, {"t": f}, 0.95, 4000, 0)["tasks"]["t"]
-    monkeypatch.setattr(es, "MULTINOMIAL_MAX_CATEGORIES", 0)
-    monkeypatch.setattr(es, "CHUNK_ELEMENTS", 50_000)          # several chunks
+    monkeypatch.setattr(statistics, "MULTINOMIAL_MAX_CATEGORIES", 0)
+    monkeypatch.setattr(statistics, "CHUNK_ELEMENTS", 50_000)  # several chunks
     slow = paired_retention({"t": b}, {"t": f}, 0.95, 4000, 0)["tasks"]["t"]
     assert slow["ci_low"] == pytest.approx(fast["ci_low"], abs=1.0)
     assert slow["ci_high"] == pytest.approx(fast["ci_high"], abs=1.0)

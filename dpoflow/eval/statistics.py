@@ -1,8 +1,7 @@
-"""Evaluation statistics: interval estimates, paired capability retention, the sign test and gate power (issue 22).
+"""Interval estimates and paired capability retention (the sign test and the gates' power: eval.significance).
 
-Pure numpy + stdlib: no I/O, nothing imported from dpoflow (this file is meant to move to
-dpoflow/eval/statistics.py as is). Every random quantity comes from a numpy generator seeded by the caller, so a
-result is a function of (inputs, confidence, samples, seed).
+Pure numpy + stdlib, no I/O. Every random quantity comes from a numpy generator seeded by the caller, so a result is
+a function of (inputs, confidence, samples, seed).
 
     low, high = wilson_interval(successes=37.5, n=50)              # ties may count half
     low, high = bootstrap_mean_interval(kl_per_prompt, 0.95, 2000, seed=0)
@@ -12,7 +11,7 @@ result is a function of (inputs, confidence, samples, seed).
     x = min_detectable_regression(0.5, 400)                        # % of the baseline score
     print(detectable_regression_line(0.5, 400))
 
-Conventions (the same as dpoflow.evaluate.win_rate):
+Conventions (the same as dpoflow.eval.win_rate):
 
 * Intervals are two-sided at `confidence`; a gate uses the lower end. z = the standard normal quantile
   Phi^-1(1 - (1 - confidence) / 2) (1.95996... at 0.95).
@@ -25,39 +24,27 @@ Conventions (the same as dpoflow.evaluate.win_rate):
   does not depend on the items' order. Otherwise an index matrix [chunk, n] is drawn with rng.integers and gathered,
   in chunks of at most CHUNK_ELEMENTS indices so memory stays bounded.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
-from statistics import NormalDist
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-CONFIDENCE = 0.95
+from dpoflow.eval.significance import CONFIDENCE, POWER, _check_confidence, min_detectable_regression, z_value
+
 SAMPLES = 2000
-FLOOR = 0.02            # both models' mean at or below this: the task is at the floor (uninformative)
-CEILING = 0.98          # both models' mean at or above this: the task is at the ceiling (uninformative)
-POWER = 0.8
+FLOOR = 0.02  # both models' mean at or below this: the task is at the floor (uninformative)
+CEILING = 0.98  # both models' mean at or above this: the task is at the ceiling (uninformative)
 MULTINOMIAL_MAX_CATEGORIES = 64
 CHUNK_ELEMENTS = 1 << 22  # indices per bootstrap chunk (32 MiB of int64)
-EXACT_BINOMIAL_MAX = 20000  # sign test: exact integer sums up to this many non-tied outcomes, log-space above
-
-__all__ = [
-    "wilson_interval", "bootstrap_mean_interval", "paired_retention", "non_inferiority", "sign_test", "p_greater",
-    "min_detectable_regression", "documents_needed", "detectable_regression_line", "z_value",
-]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _check_confidence(confidence: float) -> float:
-    confidence = float(confidence)
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    return confidence
 
 
 def _check_samples(samples: int) -> int:
@@ -70,12 +57,6 @@ def _check_seed(seed: int) -> int:
     if int(seed) != seed or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     return int(seed)
-
-
-def z_value(confidence: float = CONFIDENCE) -> float:
-    """Two-sided standard normal quantile: z = Phi^-1(1 - (1 - confidence) / 2); z_value(0.95) = 1.959964."""
-    confidence = _check_confidence(confidence)
-    return NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0)
 
 
 def _percentile_interval(stats: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -100,7 +81,7 @@ def _percentile_interval(stats: np.ndarray, confidence: float) -> tuple[float, f
     return out[0], out[1]
 
 
-def _distinct_rows(rows: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def _distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(distinct rows in lexicographic order, their counts), or None when there are more than
     MULTINOMIAL_MAX_CATEGORIES. Each column is coded by its sorted distinct values, code = sum_j code_j prod_{j'>j}
     k_j' (a 1-D integer key: much faster than np.unique(axis=0)), and the keys are counted."""
@@ -141,8 +122,9 @@ def _bootstrap_means(rows: np.ndarray, samples: int, rng: np.random.Generator) -
 def _scores(name: str, which: str, values: Any) -> np.ndarray:
     arr = np.asarray(values, dtype=float)
     if arr.ndim != 1:
-        raise ValueError(f"task {name!r}: {which} scores must be a flat list (one score per document), "
-                         f"got shape {arr.shape}")
+        raise ValueError(
+            f"task {name!r}: {which} scores must be a flat list (one score per document), got shape {arr.shape}"
+        )
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"task {name!r}: {which} scores contain a non-finite value")
     return arr
@@ -190,13 +172,14 @@ def wilson_interval(successes: float, n: float, confidence: float = CONFIDENCE) 
     denom = 1.0 + z2 / n
     center = (p + z2 / (2.0 * n)) / denom
     half = z / denom * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
-    low = 0.0 if successes == 0 else max(0.0, center - half)     # exact ends: no rounding residue at p = 0 or 1
+    low = 0.0 if successes == 0 else max(0.0, center - half)  # exact ends: no rounding residue at p = 0 or 1
     high = 1.0 if successes == n else min(1.0, center + half)
     return low, high
 
 
-def bootstrap_mean_interval(values: Sequence[float], confidence: float = CONFIDENCE, samples: int = SAMPLES,
-                            seed: int = 0) -> tuple[float, float]:
+def bootstrap_mean_interval(
+    values: Sequence[float], confidence: float = CONFIDENCE, samples: int = SAMPLES, seed: int = 0
+) -> tuple[float, float]:
     """Percentile-bootstrap interval of the mean of `values` (one value per item: KL of a prompt, a held-out pair's
     gap term, ...):
 
@@ -220,9 +203,17 @@ def bootstrap_mean_interval(values: Sequence[float], confidence: float = CONFIDE
 # Paired retention
 
 
-def paired_retention(baseline: Mapping[str, Sequence[float]], final: Mapping[str, Sequence[float]],
-                     confidence: float = CONFIDENCE, samples: int = SAMPLES, seed: int = 0, *,
-                     floor: float = FLOOR, ceiling: float = CEILING, power: float = POWER) -> dict:
+def paired_retention(
+    baseline: Mapping[str, Sequence[float]],
+    final: Mapping[str, Sequence[float]],
+    confidence: float = CONFIDENCE,
+    samples: int = SAMPLES,
+    seed: int = 0,
+    *,
+    floor: float = FLOOR,
+    ceiling: float = CEILING,
+    power: float = POWER,
+) -> dict:
     """Capability retention of a final model against a baseline scored on the SAME documents, per task and pooled.
 
     Inputs: {task: [score of document i]} for both models, document i the same document in both lists (scores are
@@ -282,12 +273,24 @@ def paired_retention(baseline: Mapping[str, Sequence[float]], final: Mapping[str
         b = _scores(name, "baseline", baseline[name])
         f = _scores(name, "final", final[name])
         if len(b) != len(f):
-            raise ValueError(f"task {name!r}: {len(b)} baseline scores but {len(f)} final scores; paired retention "
-                             "needs one score per document from each model, in the same document order")
+            raise ValueError(
+                f"task {name!r}: {len(b)} baseline scores but {len(f)} final scores; paired retention "
+                "needs one score per document from each model, in the same document order"
+            )
         n = len(b)
-        row: dict[str, Any] = {"n": n, "baseline_mean": None, "final_mean": None, "retention": None,
-                               "ci_low": None, "ci_high": None, "discordant": 0, "discordant_fraction": None,
-                               "informative": False, "reason": None, "min_detectable_regression": None}
+        row: dict[str, Any] = {
+            "n": n,
+            "baseline_mean": None,
+            "final_mean": None,
+            "retention": None,
+            "ci_low": None,
+            "ci_high": None,
+            "discordant": 0,
+            "discordant_fraction": None,
+            "informative": False,
+            "reason": None,
+            "min_detectable_regression": None,
+        }
         tasks[name] = row
         if n == 0:
             row["reason"] = "no documents"
@@ -296,8 +299,9 @@ def paired_retention(baseline: Mapping[str, Sequence[float]], final: Mapping[str
         discordant = int(np.count_nonzero(b != f))
         row.update(baseline_mean=bm, final_mean=fm, discordant=discordant, discordant_fraction=discordant / n)
         if bm == 0:
-            row["reason"] = (f"baseline mean is 0 (final {fm:.4g}): no ratio" if fm > 0
-                             else "both models score 0: no ratio")
+            row["reason"] = (
+                f"baseline mean is 0 (final {fm:.4g}): no ratio" if fm > 0 else "both models score 0: no ratio"
+            )
             continue
         row["retention"] = 100.0 * fm / bm
         means = _bootstrap_means(np.stack([b, f], axis=1), samples, _task_rng(seed, name))
@@ -313,181 +317,44 @@ def paired_retention(baseline: Mapping[str, Sequence[float]], final: Mapping[str
             row["informative"] = True
             resampled[name] = ratios
             row["min_detectable_regression"] = min_detectable_regression(
-                bm, n, confidence, power, paired_discordance=float(np.mean((f - b) ** 2)))
+                bm, n, confidence, power, paired_discordance=float(np.mean((f - b) ** 2))
+            )
     informative = [t for t in tasks if tasks[t]["informative"]]
-    out: dict[str, Any] = {"confidence": confidence, "samples": samples, "seed": seed, "floor": floor,
-                           "ceiling": ceiling, "tasks": tasks, "informative_tasks": informative,
-                           "excluded_tasks": {t: r["reason"] for t, r in tasks.items() if not r["informative"]}}
+    out: dict[str, Any] = {
+        "confidence": confidence,
+        "samples": samples,
+        "seed": seed,
+        "floor": floor,
+        "ceiling": ceiling,
+        "tasks": tasks,
+        "informative_tasks": informative,
+        "excluded_tasks": {t: r["reason"] for t, r in tasks.items() if not r["informative"]},
+    }
     if not informative:
-        return {**out, "pooled_retention": None, "pooled_ci_low": None, "pooled_ci_high": None,
-                "pooled_note": "no informative task: pooled retention undefined (every task is empty, at the floor "
-                               "or ceiling, or identical between the models)"}
+        return {
+            **out,
+            "pooled_retention": None,
+            "pooled_ci_low": None,
+            "pooled_ci_high": None,
+            "pooled_note": "no informative task: pooled retention undefined (every task is empty, at the floor "
+            "or ceiling, or identical between the models)",
+        }
     pooled = float(np.mean([tasks[t]["retention"] for t in informative]))
     pooled_draws = np.mean(np.stack([resampled[t] for t in informative]), axis=0)
     low, high = _percentile_interval(pooled_draws, confidence)
-    return {**out, "pooled_retention": pooled, "pooled_ci_low": low, "pooled_ci_high": high,
-            "pooled_note": f"mean of {len(informative)} informative task(s)' retention, stratified bootstrap"}
+    return {
+        **out,
+        "pooled_retention": pooled,
+        "pooled_ci_low": low,
+        "pooled_ci_high": high,
+        "pooled_note": f"mean of {len(informative)} informative task(s)' retention, stratified bootstrap",
+    }
 
 
-def non_inferiority(ci_low: Optional[float], threshold: float) -> bool:
+def non_inferiority(ci_low: float | None, threshold: float) -> bool:
     """Non-inferiority gate: pass iff ci_low >= threshold (e.g. the pooled retention's lower bound >= 95 %).
     A missing or nan lower bound fails (nothing measured, nothing shown)."""
     if ci_low is None:
         return False
     ci_low = float(ci_low)
     return not math.isnan(ci_low) and ci_low >= float(threshold)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Sign test
-
-
-def _count(name: str, value: Any) -> int:
-    try:
-        k = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a non-negative integer count, got {value!r}") from None
-    if k != value or k < 0:
-        raise ValueError(f"{name} must be a non-negative integer count, got {value!r}")
-    return k
-
-
-def _binomial_half_cdf(k: int, m: int) -> float:
-    """P(X <= k) for X ~ Binomial(m, 1/2) = 2^-m sum_{j=0..k} C(m, j).
-
-    m <= EXACT_BINOMIAL_MAX: the integer sum over the shorter tail (C(m, j+1) = C(m, j) (m - j) / (j + 1)), then one
-    correctly rounded int / int division. Above: the same sum in log space, log C(m, j) = sum_{i<j} log((m - i) /
-    (i + 1)) (a cumulative sum), combined with log-sum-exp."""
-    if k < 0:
-        return 0.0
-    if k >= m:
-        return 1.0
-    upper = 2 * k > m  # sum the other (shorter) tail and complement: P(X <= k) = 1 - P(X <= m - k - 1)
-    kk = m - k - 1 if upper else k
-    if m <= EXACT_BINOMIAL_MAX:
-        term, total = 1, 1
-        for j in range(kk):
-            term = term * (m - j) // (j + 1)
-            total += term
-        total_all = 1 << m
-        return (total_all - total) / total_all if upper else total / total_all
-    j = np.arange(kk, dtype=float)
-    log_comb = np.concatenate([[0.0], np.cumsum(np.log(m - j) - np.log(j + 1))])  # log C(m, 0..kk)
-    logs = log_comb - m * math.log(2.0)
-    top = float(logs.max())
-    tail = math.exp(top + math.log(float(np.exp(logs - top).sum())))
-    return 1.0 - tail if upper else tail
-
-
-
-def sign_test(wins: int, losses: int) -> float:
-    """Exact two-sided sign test on the non-tied outcomes (ties are dropped, the classical sign test). Under
-    H0 (a win and a loss are equally likely) W ~ Binomial(m, 1/2), m = wins + losses, and
-
-        p = min(1, 2 * P(W <= min(wins, losses))) = min(1, 2^(1-m) sum_{j=0..min(wins, losses)} C(m, j))
-
-    (the distribution is symmetric, so doubling the smaller tail equals summing every outcome at most as likely as
-    the observed one). m = 0 gives 1. sign_test(9, 1) = 2 * 11 / 1024 = 0.021484375."""
-    w, l = _count("wins", wins), _count("losses", losses)
-    return min(1.0, 2.0 * _binomial_half_cdf(min(w, l), w + l))
-
-
-def p_greater(wins: int, losses: int) -> float:
-    """Exact one-sided sign test, H1: wins are more likely than losses (the final model is better):
-
-        p = P(W >= wins) = P(W <= losses) = 2^-m sum_{j=0..losses} C(m, j),  W ~ Binomial(m = wins + losses, 1/2)
-
-    m = 0 gives 1. p_greater(9, 1) = 11 / 1024."""
-    w, l = _count("wins", wins), _count("losses", losses)
-    return _binomial_half_cdf(l, w + l)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Power of the retention gate
-
-
-def _paired_variance(baseline_mean: float, paired_discordance: Optional[float]) -> float:
-    """Per-document variance of the paired difference d_i = f_i - b_i at no change: the discordant fraction pi_d
-    when given (Var d = pi_d - (p0 - p1)^2 <= pi_d for 0/1 scores; for graded scores pass mean((f - b)^2)), else the
-    unpaired variance 2 p0 (1 - p0) (two independent Bernoulli(p0) scores), which bounds the paired one from above
-    whenever the two models' scores are non-negatively correlated, as they are on shared documents."""
-    p0 = float(baseline_mean)
-    if not math.isfinite(p0) or p0 <= 0:
-        raise ValueError(f"baseline_mean must be > 0, got {baseline_mean!r}")
-    if paired_discordance is None:
-        if p0 > 1:
-            raise ValueError(f"baseline_mean must be in (0, 1] for the unpaired Bernoulli variance, got {p0}; "
-                             "pass paired_discordance for graded scores")
-        return 2.0 * p0 * (1.0 - p0)
-    v = float(paired_discordance)
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"paired_discordance must be >= 0, got {paired_discordance!r}")
-    return v
-
-
-def _check_power(power: float) -> float:
-    power = float(power)
-    if not 0.0 < power < 1.0:
-        raise ValueError(f"power must be in (0, 1), got {power}")
-    return power
-
-
-def min_detectable_regression(baseline_mean: float, n: int, confidence: float = CONFIDENCE, power: float = POWER,
-                              paired_discordance: Optional[float] = None) -> float:
-    """Smallest relative regression (% of the baseline score) of a task that the paired retention gate detects
-    with probability `power`, normal approximation:
-
-        delta% = 100 * (z_{1-alpha/2} + z_power) * sqrt(v / n) / p0
-
-    p0 = baseline_mean, n = documents, z_{1-alpha/2} = z_value(confidence), z_power = Phi^-1(power), v = the
-    per-document variance of f_i - b_i at no change: the discordant fraction pi_d when `paired_discordance` is given,
-    else the conservative unpaired 2 p0 (1 - p0). By the delta method the retention estimate R^ = mean(f)/mean(b)
-    has standard error se ~ sqrt(v / n) / p0 near R = 1. Two equivalent readings:
-      * a true regression of delta puts the interval's upper end below 100 % (a regression shown) with probability
-        `power`: P(R^ + z se < 1 | R = 1 - delta) = Phi(delta / se - z) = power;
-      * a gate "lower bound >= 100 - delta %" passes an unchanged model with probability `power`, while a model that
-        lost delta fails it with probability 1 - alpha/2: a margin smaller than delta fails good models by chance.
-    Approximate: it ignores the Var(d) reduction by (p0 - p1)^2 and the ratio's skew, both small near R = 1."""
-    confidence, power = _check_confidence(confidence), _check_power(power)
-    if int(n) != n or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    v = _paired_variance(baseline_mean, paired_discordance)
-    z = z_value(confidence) + NormalDist().inv_cdf(power)
-    return 100.0 * z * math.sqrt(v / int(n)) / float(baseline_mean)
-
-
-def documents_needed(baseline_mean: float, regression_pct: float, confidence: float = CONFIDENCE,
-                     power: float = POWER, paired_discordance: Optional[float] = None) -> int:
-    """Inverse of min_detectable_regression: the smallest n with min_detectable_regression(...) <= regression_pct,
-
-        n = ceil(v * ((z_{1-alpha/2} + z_power) / (p0 * regression_pct / 100))^2)
-
-    (v, z as in min_detectable_regression), corrected by a step either way against floating-point rounding."""
-    confidence, power = _check_confidence(confidence), _check_power(power)
-    delta = float(regression_pct)
-    if not math.isfinite(delta) or delta <= 0:
-        raise ValueError(f"regression_pct must be > 0, got {regression_pct!r}")
-    v = _paired_variance(baseline_mean, paired_discordance)
-    z = z_value(confidence) + NormalDist().inv_cdf(power)
-    n = max(1, math.ceil(v * (z / (float(baseline_mean) * delta / 100.0)) ** 2))
-    args = (baseline_mean, confidence, power, paired_discordance)
-
-    def mdr(k: int) -> float:
-        return min_detectable_regression(args[0], k, args[1], args[2], args[3])
-
-    while mdr(n) > delta:
-        n += 1
-    while n > 1 and mdr(n - 1) <= delta:
-        n -= 1
-    return n
-
-
-def detectable_regression_line(baseline_mean: float, n: int, confidence: float = CONFIDENCE, power: float = POWER,
-                               paired_discordance: Optional[float] = None) -> str:
-    """The printed line: "with {n} documents the smallest regression this gate detects at {confidence} is {X}%
-    ({power} power, baseline {p0}, {variance used})", X = min_detectable_regression(...)."""
-    x = min_detectable_regression(baseline_mean, n, confidence, power, paired_discordance)
-    how = ("unpaired variance 2p(1-p), conservative" if paired_discordance is None
-           else f"paired, discordance {float(paired_discordance):.3g}")
-    return (f"with {int(n)} documents the smallest regression this gate detects at {confidence:.0%} is {x:.1f}% "
-            f"({power:.0%} power, baseline {float(baseline_mean):.3g}, {how})")
