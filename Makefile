@@ -35,9 +35,9 @@ run: setup
 
 test: setup
 	$(PY) -m dpoflow setup-blas
-	@# Headless Chromium renders the HTML report in tests/test_evaluate.py (skipped without it); best effort.
+	@# Headless Chromium renders the HTML report (tests/test_evaluate.py) and dvc_plots (tests/test_plots_offline.py); skipped without it; best effort.
 	@test -x /usr/bin/chromium || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
-	  apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } || echo "chromium not installed: the report screenshot test will skip"
+	  apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } || echo "chromium not installed: the report and plots screenshot tests will skip"
 	$(VENV)/bin/ruff check dpoflow stages tests benchmarks
 	$(VENV)/bin/ruff format --check dpoflow stages tests benchmarks
 	$(PY) -m pytest -q -m "not slow"

@@ -25,8 +25,9 @@ continuation among near-miss distractors?). Capability RETENTION -- what DPO on 
 measured by the two that share nothing with the training data: `dpoflow_text_cloze` (general English
 language modelling, HellaSwag-style: 1 true continuation vs 3 length-matched sentences from elsewhere in the
 story; acc_norm as HellaSwag reports) and `dpoflow_humaneval` (code generation, pass@1 greedy, executed only in
-a bubblewrap sandbox with no network and no writable host path, see `dpoflow/data/lm_eval_tasks/humaneval_utils.py`). The story may well be in the base
-model's pre-training data; retention is a comparison of the same model before and after, so that is fine.
+a bubblewrap sandbox with no network and no writable host path, see `lm_eval_tasks/humaneval_utils.py`). The story
+may well be in the base model's pre-training data; retention is a comparison of the same model before and after, so
+that is fine.
 
 Measured on SmolLM2-135M-Instruct (models/base, 2 shared CPU cores, batch 16): task_gen 0.135 +- 0.024 (200
 docs, 76 s), task_mc acc 0.31 +- 0.05 (100 docs, 31 s; chance 0.25), text_cloze acc_norm 0.42 +- 0.035
