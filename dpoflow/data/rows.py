@@ -1,0 +1,202 @@
+"""Reading one raw row safely: field accessors that raise RowError with the field and a short reason, and the
+bounded quarantine record of a row that could not be used (never a whole foreign line: PREVIEW_CHARS characters
+and a sha256 of the raw bytes)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import unicodedata
+from typing import Any
+
+from dpoflow.data.pairs import RowError
+
+PREVIEW_CHARS = 80  # characters of raw input kept in a quarantine row (issue 21)
+REASON_VALUE_CHARS = 40  # an input value quoted in a reason is cut to this many characters
+ROLES = ("system", "user", "assistant")
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+JSON_SUFFIXES = (".json",)
+PARQUET_SUFFIXES = (".parquet", ".pq")
+PARQUET_MAGIC = b"PAR1"
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+JSON_WS = re.compile(r"[ \t\n\r]*")
+
+# Quarantine preview (issue 21)
+
+
+class UnknownShape(RowError):
+    """The row parsed but matches none of the shapes a loader reads (counts toward 'unknown format')."""
+
+
+def quarantine_preview(raw: str | bytes | Any) -> dict:
+    """A bounded stand-in for raw input: ``{"preview", "chars", "sha256"}``.
+
+    `preview` is at most PREVIEW_CHARS characters of the text (whitespace runs collapsed to one space, other control
+    characters replaced by U+FFFD, lone surrogates escaped; a cut preview ends with "…"). `chars` is the length of
+    the whole text and `sha256` the hex digest of the raw bytes (str: UTF-8; other values: their sorted JSON), so
+    the row can be found in the input without being copied.
+    """
+    if isinstance(raw, bytes):
+        data, text = raw, raw.decode("utf-8", errors="replace")
+    else:
+        text = raw if isinstance(raw, str) else row_json(raw)
+        data = text.encode("utf-8", errors="surrogatepass")
+    head = re.sub(r"\s+", " ", text[: PREVIEW_CHARS * 2])
+    head = "".join("\ufffd" if unicodedata.category(c) == "Cc" else c for c in head)
+    head = head.encode("utf-8", errors="backslashreplace").decode("utf-8")
+    if len(text) > PREVIEW_CHARS * 2 or len(head) > PREVIEW_CHARS:
+        head = head[: PREVIEW_CHARS - 1] + "…"
+    return {"preview": head, "chars": len(text), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def quarantine(location: str, field: str, reason: str, raw: Any) -> dict:
+    """A quarantine row whose `row` is the bounded :func:`quarantine_preview` of `raw`."""
+    return {"location": location, "field": field, "reason": reason, "row": quarantine_preview(raw)}
+
+
+# --------------------------------------------------------------------------------------------------
+
+# Validation helpers (raise RowError(field, reason))
+
+
+def as_object(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise UnknownShape("row", f"not an object: got {type_name(value)}")
+    return value
+
+
+def present(row: dict, key: str) -> bool:
+    """Columnar inputs (Parquet, datasets) carry every column in every row, null where absent."""
+    return row.get(key) is not None
+
+
+def required_field(row: dict, key: str) -> Any:
+    if key not in row:
+        raise RowError(key, "missing field")
+    if row[key] is None:
+        raise RowError(key, "missing field (null)")
+    return row[key]
+
+
+def string_field(row: dict, key: str) -> str:
+    value = required_field(row, key)
+    if not isinstance(value, str):
+        raise RowError(key, f"wrong type: expected string, got {type_name(value)}")
+    check_text(key, value)
+    return value
+
+
+def optional_string(row: dict, *keys: str, numbers: bool = False) -> str | None:
+    for key in keys:
+        value = row.get(key)
+        if value is None:
+            continue
+        if numbers and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return str(value)
+        if not isinstance(value, str):
+            raise RowError(key, f"wrong type: expected string{' or number' if numbers else ''}, got {type_name(value)}")
+        check_text(key, value)
+        return value
+    return None
+
+
+def response_text(value: Any, field: str) -> str:
+    if value is None:
+        raise RowError(field, "missing field")
+    if not isinstance(value, str):
+        raise RowError(field, f"wrong type: expected string, got {type_name(value)}")
+    check_text(field, value)
+    if not value.strip():
+        raise RowError(field, "empty string")
+    return value
+
+
+def parse_messages(value: Any, field: str) -> list[dict]:
+    """A non-empty list of {role, content} with string content, roles in ROLES, a system message only first."""
+    if not isinstance(value, list):
+        raise RowError(field, f"wrong type: expected a list of {{role, content}} messages, got {type_name(value)}")
+    if not value:
+        raise RowError(field, "empty string (no messages)")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise RowError(where, f"wrong type: expected a {{role, content}} object, got {type_name(message)}")
+        for key in ("role", "content"):
+            if message.get(key) is None:
+                raise RowError(f"{where}.{key}", "missing field")
+            if not isinstance(message[key], str):
+                raise RowError(f"{where}.{key}", f"wrong type: expected string, got {type_name(message[key])}")
+        role = message["role"]
+        if role not in ROLES:
+            raise RowError(f"{where}.role", f"unsupported role {short_value(role)}: expected system, user or assistant")
+        if role == "system" and i:
+            raise RowError(f"{where}.role", "invalid conversation: a system message is only allowed first")
+        check_text(f"{where}.content", message["content"])
+        messages.append({"role": role, "content": message["content"]})
+    return messages
+
+
+def prompt_messages(value: Any, field: str) -> list[dict]:
+    """A prompt: a non-blank string (one user message) or messages ending with a non-blank user turn."""
+    if isinstance(value, str):
+        check_text(field, value)
+        if not value.strip():
+            raise RowError(field, "empty string")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list):
+        raise RowError(field, f"wrong type: expected a string or a list of messages, got {type_name(value)}")
+    messages = parse_messages(value, field)
+    check_prompt_end(messages, field, "the prompt must end with a user turn")
+    return messages
+
+
+def check_prompt_end(prompt: list[dict], field: str, why: str) -> None:
+    if not prompt or prompt[-1]["role"] != "user":
+        got = repr(prompt[-1]["role"]) if prompt else "nothing"
+        raise RowError(field, f"invalid conversation: {why}, got {got}")
+    if not prompt[-1]["content"].strip():
+        raise RowError(f"{field}[{len(prompt) - 1}].content", "empty string (the last user turn)")
+
+
+def check_text(field: str, text: str) -> None:
+    """JSON can carry lone surrogates ("\\ud800") that no UTF-8 writer accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowError(field, f"invalid UTF-8: unpaired surrogate at character {exc.start}") from None
+
+
+def content_id(content: Any) -> str:
+    return hashlib.sha1(json.dumps(content).encode("utf-8")).hexdigest()[:16]
+
+
+def row_json(row: Any) -> str:
+    return json.dumps(row, ensure_ascii=False, sort_keys=True, default=repr)
+
+
+def type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def short_value(value: Any, limit: int = REASON_VALUE_CHARS) -> str:
+    """A value quoted in a reason: repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def key_list(row: dict, limit: int = 6) -> str:
+    names = [short_value(str(k), 24) for k in list(row)[:limit]]
+    return "[" + ", ".join(names) + (", …" if len(row) > limit else "") + "]"
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
