@@ -5,8 +5,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
-export HF_HUB_OFFLINE := 1
-export HF_DATASETS_OFFLINE := 1
 export HF_HOME := $(CURDIR)/.cache/huggingface
 export TOKENIZERS_PARALLELISM := false
 
@@ -29,9 +27,10 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	touch $@
 
 # Materialize the base model and data, then run every stage whose inputs changed.
+# Offline (HF_HUB_OFFLINE=1) unless a param names a hub model or dataset (python -m dpoflow hub-inputs).
 run: setup
 	$(PY) -m dpoflow setup-blas
-	dvc repro
+	@if [ -z "$$($(PY) -m dpoflow hub-inputs)" ]; then export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1; fi; dvc repro
 
 test: setup
 	$(PY) -m dpoflow setup-blas
@@ -40,11 +39,11 @@ test: setup
 	  apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } || echo "chromium not installed: the report and plots screenshot tests will skip"
 	$(VENV)/bin/ruff check dpoflow stages tests benchmarks
 	$(VENV)/bin/ruff format --check dpoflow stages tests benchmarks
-	$(PY) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 # Includes the real-model tests (minutes).
 test-all: setup
-	$(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
 
 doctor: setup
 	$(PY) -m dpoflow doctor

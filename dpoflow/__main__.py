@@ -1,4 +1,4 @@
-"""`python -m dpoflow doctor | setup-blas | tune-batch`."""
+"""`python -m dpoflow doctor | setup-blas | tune-batch | hub-inputs`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from dpoflow.runtime import device
-from dpoflow.runtime.params import load_params
+from dpoflow.runtime.params import hub_params, load_params
 from dpoflow.training.tune import tune_batch
 
 
@@ -32,6 +32,15 @@ def doctor(params_path: str) -> None:
     click.echo(f"batch size:      {batch} (params.yaml batch_size.{chip})")
     for name, version in device.library_versions().items():
         click.echo(f"{name + ':':<16} {version}")
+
+
+@cli.command("hub-inputs")
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+def hub_inputs(params_path: str) -> None:
+    """Print the params that name a Hugging Face hub model or dataset (one per line; nothing when every input is
+    local: `make run` then runs with HF_HUB_OFFLINE=1)."""
+    for key, value in hub_params(load_params(params_path)):
+        click.echo(f"{key}: {value}")
 
 
 @cli.command("setup-blas")

@@ -15,6 +15,7 @@ from dpoflow.modeling import loading
 from dpoflow.modeling.base import resolve_base
 from dpoflow.modeling.tiny import make_tiny_model
 from dpoflow.runtime import io
+from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import load_params
 
 OUT = Path("models/base")
@@ -22,6 +23,7 @@ OUT = Path("models/base")
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
+@user_errors
 def main(params_path: str) -> None:
     p = load_params(params_path)
     with tempfile.TemporaryDirectory(dir=".") as work:

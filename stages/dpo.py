@@ -16,6 +16,7 @@ from dpoflow.modeling.policy import load_policy, save_policy
 from dpoflow.modeling.reference import read_ref_logps
 from dpoflow.pipeline import dpo
 from dpoflow.runtime import distributed, io
+from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import load_params
 from dpoflow.training.dpo import STAGE_KEYS
 
@@ -32,6 +33,7 @@ CHECKPOINT = Path("checkpoints/dpo")  # resume point of a killed run (not a DVC 
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
+@user_errors
 def main(params_path: str) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")  # the library's warnings
     p = load_params(params_path)

@@ -19,9 +19,10 @@ from pathlib import Path
 import click
 import mlx.core as mx
 
-from dpoflow.data import judges, tasks
+from dpoflow.data import tasks
 from dpoflow.data.decontamination import collect_eval_texts
 from dpoflow.data.formats import read_pairs
+from dpoflow.data.prompts import prompt_of
 from dpoflow.eval import benchmarks
 from dpoflow.eval.human import export_human_sheet, import_human_ratings
 from dpoflow.eval.measure import kl_prompt_messages, make_probe
@@ -32,7 +33,10 @@ from dpoflow.pipeline.evaluate import Evaluation, decide, run_evaluation
 from dpoflow.reporting.charts import read_tsv
 from dpoflow.reporting.report import CURVES, ReportInputs, write_report
 from dpoflow.runtime import io
-from dpoflow.runtime.params import load_params
+from dpoflow.runtime.errors import user_errors
+from dpoflow.runtime.params import input_folder, load_params
+
+from judging import judge_for
 
 SFT = Path("models/sft")
 SELECTED = Path("models/selected")
@@ -48,6 +52,7 @@ SHEET = REPORTS / "human_eval_sheet.csv"
 KEY = REPORTS / "human_eval_key.json"
 METRICS = Path("metrics/evaluate.json")
 ITERATE_METRICS = Path("metrics/iterate.json")
+INPUTS = SPLITS / "inputs.json"
 
 
 def _measure(p) -> None:
@@ -61,7 +66,7 @@ def _measure(p) -> None:
     bench = benchmarks.run_benchmarks(
         FINAL,
         p.benchmarks.tasks,
-        include_path=SPLITS / "lm_eval",
+        include_path=[SPLITS / "lm_eval", input_folder(p, "benchmarks")],
         limit=p.benchmarks.limit,
         seed=p.seed,
         batch_size=p.benchmarks.batch_size,
@@ -75,8 +80,7 @@ def _measure(p) -> None:
     final_model.freeze()
     sft_model.freeze()
     pp = p.preference
-    judge_name = pp.judge if pp.judge != "import" else "verifier"  # import labels nothing new: the task verifier
-    judge = judges.make_judge(judge_name, batch_size=batch_size, reward_model_path=pp.reward_model_path)
+    judge, judge_name = judge_for(p, "evaluate", batch_size)
     items = tasks.read_split(SPLITS / "eval.jsonl")[: p.evaluate.win_rate_prompts]
     heldout_items = tasks.read_split(SPLITS / "heldout.jsonl")
     heldout_pairs = read_pairs(HELDOUT_PAIRS)
@@ -94,9 +98,9 @@ def _measure(p) -> None:
         sft_model=sft_model,
         tokenizer=tokenizer,
         judge=judge,
-        judge_name=judge_name if judge_name == pp.judge else "verifier (preference.judge is import)",
+        judge_name=judge_name,
         items=items,
-        prompts=[tasks.item_prompt(item, p.data.system_prompt or None) for item in items],
+        prompts=[prompt_of(item, p.data.system_prompt or None) for item in items],
         probe=make_probe(p, tokenizer, kl_prompts, heldout_pairs, heldout_cache, batch_size),
         final_benchmarks=final_scores,
         baseline_benchmarks=baseline,
@@ -104,6 +108,8 @@ def _measure(p) -> None:
         eval_texts=collect_eval_texts(SPLITS, template_items=template_items),
     )
     metrics, judgments, perf = run_evaluation(ev)
+    if getattr(judge, "position_bias_rate", None) is not None:  # the llm judge: how often the order decided
+        metrics["judge_position_bias_rate"] = judge.position_bias_rate
     io.write_jsonl(JUDGMENTS, judgments)
     export_human_sheet(
         judgments,
@@ -144,6 +150,26 @@ def _measure(p) -> None:
     )
 
 
+def _provenance(p, metrics: dict) -> list[str]:
+    """Which data and which judge each number of the report comes from."""
+    if p.data.source == "embedded":
+        lines = [f"Data: the embedded task (reasoning-gym, seed {p.seed}): {SPLITS}/*.jsonl"]
+    else:
+        lines = [f"Data: your files (data.source: files), read by prepare_data into {SPLITS}/:"]
+        for key, info in sorted(io.read_json(INPUTS).items()):
+            lines.append(f"{key} = {info['origin']}: {info['n_rows']} rows used, {info['n_quarantined']} quarantined")
+    pp = p.preference
+    pairs = f"imported from {pp.import_path} ({pp.import_format})" if pp.judge == "import" else f"judge {pp.judge}"
+    lines.append(f"Stage 2 preference pairs: {pairs}")
+    lines.append(f"Stage 6 rounds judged by {p.stage_judge('iterate')}")
+    detail = metrics.get("win_rate_detail") or {}
+    lines.append(
+        f"Stage 7 win rate judged by {detail.get('judge', p.stage_judge('evaluate'))} on the eval split "
+        f"({detail.get('n', '?')} prompts); benchmarks: {', '.join(p.benchmarks.tasks) or 'none'}"
+    )
+    return lines
+
+
 def _decide(p) -> dict:
     metrics = io.read_json(METRICS)
     iterate = io.read_json(ITERATE_METRICS) if ITERATE_METRICS.is_file() else None
@@ -164,6 +190,7 @@ def _decide(p) -> dict:
             iterate=iterate,
             curves=curves,
             params=p,
+            provenance=_provenance(p, metrics),
             files={
                 "final_model": str(FINAL),
                 "deploy": str(REPORTS / "deploy.json"),
@@ -197,6 +224,7 @@ def _decide(p) -> dict:
     type=click.Path(dir_okay=False),
     help="The sheet's key (which side is which model), for --human-ratings.",
 )
+@user_errors
 def main(params_path: str, decide_only: bool, ratings: str | None, key_path: str) -> None:
     p = load_params(params_path)
     if ratings:

@@ -11,12 +11,14 @@ import click
 
 from dpoflow.eval.gates import evaluate_gate
 from dpoflow.runtime import io
+from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import load_params
 
 
 @click.command()
 @click.argument("stage")
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
+@user_errors
 def main(stage: str, params_path: str) -> None:
     params = load_params(params_path)
     path = Path("metrics") / f"{stage}.json"

@@ -15,6 +15,7 @@ from dpoflow.modeling.policy import save_policy, trainable_parameter_count
 from dpoflow.modeling.reference import write_ref_logps
 from dpoflow.pipeline.init import initialize
 from dpoflow.runtime import io
+from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import load_params
 
 SFT = Path("models/sft")
@@ -26,6 +27,7 @@ HELDOUT_TASKS = Path("data/tasks/heldout.jsonl")
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
+@user_errors
 def main(params_path: str) -> None:
     p = load_params(params_path)
     chip, batch_size = p.resolved_batch_size()

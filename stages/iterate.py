@@ -11,10 +11,11 @@ from pathlib import Path
 import click
 import mlx.core as mx
 
-from dpoflow.data import judges, tasks
+from dpoflow.data import tasks
 from dpoflow.data.decontamination import collect_eval_texts
 from dpoflow.data.formats import read_pairs
 from dpoflow.data.pairs import write_pairs, write_quarantine
+from dpoflow.data.prompts import reference_of
 from dpoflow.eval import benchmarks
 from dpoflow.eval.measure import kl_prompt_messages, make_probe
 from dpoflow.eval.rounds import finite
@@ -24,9 +25,11 @@ from dpoflow.modeling.reference import read_ref_logps
 from dpoflow.pipeline.iterate import Rounds, run_iteration
 from dpoflow.reporting.iterate_report import render_iterate_report
 from dpoflow.runtime import io
-from dpoflow.runtime.params import load_params
+from dpoflow.runtime.errors import user_errors
+from dpoflow.runtime.params import input_folder, load_params
 from dpoflow.training.dpo import STAGE_KEYS
 
+from judging import STAGE4_REWARD_MODEL, judge_for
 from live_logger import DvcLiveLogger, live_logger
 
 SFT = Path("models/sft")
@@ -60,6 +63,7 @@ def log_rounds(logger: DvcLiveLogger | None, rounds: list[dict]) -> None:
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
+@user_errors
 def main(params_path: str) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     p = load_params(params_path)
@@ -67,14 +71,8 @@ def main(params_path: str) -> None:
     click.echo(f"chip {chip}: batch size {batch_size}")
     mx.random.seed(p.seed)
     pp, it = p.preference, p.iterate
-    judge = judges.make_judge(
-        pp.judge, import_path=pp.import_path, batch_size=batch_size, reward_model_path=pp.reward_model_path
-    )
-    if it.rounds > 0 and not judge.generates:
-        raise click.ClickException(
-            "iterative training judges the policy's own samples: preference.judge must be "
-            "verifier or reward_model, not import; set iterate.rounds: 0 to skip Stage 6"
-        )
+    judge, judge_name = judge_for(p, "iterate", batch_size)
+    click.echo(f"judge: {judge_name}")
     sft_hash = loading.model_hash(SFT)
     round_items = tasks.read_split(ROUNDS)
     heldout_items = tasks.read_split(HELDOUT_TASKS)
@@ -91,7 +89,7 @@ def main(params_path: str) -> None:
         bench = benchmarks.run_benchmarks(
             model_dir,
             p.benchmarks.tasks,
-            include_path=SPLITS / "lm_eval",
+            include_path=[SPLITS / "lm_eval", input_folder(p, "benchmarks")],
             limit=p.benchmarks.limit,
             seed=p.seed,
             batch_size=p.benchmarks.batch_size,
@@ -99,7 +97,15 @@ def main(params_path: str) -> None:
         return {name: r["score"] for name, r in bench.items()}
 
     kl_prompts = kl_prompt_messages(heldout_items, p.init.kl_prompts, p.data.system_prompt)
-    probe = make_probe(p, tokenizer, kl_prompts, heldout_pairs, heldout_cache, batch_size, accuracy_items=heldout_items)
+    probe = make_probe(
+        p,
+        tokenizer,
+        kl_prompts,
+        heldout_pairs,
+        heldout_cache,
+        batch_size,
+        accuracy_items=[i for i in heldout_items if reference_of(i) is not None],
+    )
     dpo_params = {k: getattr(p.dpo, k) for k in STAGE_KEYS}
     fingerprint = repr(
         (
@@ -111,7 +117,7 @@ def main(params_path: str) -> None:
             p.seed,
             batch_size,
             io.files_hash(SFT, DPO, ROUNDS, HELDOUT_TASKS, HELDOUT_PAIRS, SPLITS / "lm_eval")
-            + (io.files_hash(pp.reward_model_path) if pp.judge == "reward_model" else ""),
+            + (io.files_hash(STAGE4_REWARD_MODEL) if judge.name == "reward_model" else ""),
         )
     )
     ctx = Rounds(

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import click
 
-from dpoflow.data import judges, tasks
+from dpoflow.data import tasks
 from dpoflow.data.decontamination import collect_eval_texts
 from dpoflow.modeling import loading
 from dpoflow.pipeline import preference
+from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import load_params
+
+from judging import judge_for
 
 SPLITS = Path("data/tasks")
 PROMPTS = SPLITS / "pref_prompts.jsonl"
@@ -30,14 +33,13 @@ OUT = preference.PreferenceOutputs(
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
+@user_errors
 def main(params_path: str) -> None:
     p = load_params(params_path)
     chip, batch_size = p.resolved_batch_size()
     pp = p.preference
     click.echo(f"chip {chip}: batch size {batch_size} (reward model), generation batch {pp.generation_batch_size}")
-    judge = judges.make_judge(
-        pp.judge, import_path=pp.import_path, batch_size=batch_size, reward_model_path=pp.reward_model_path
-    )
+    judge, _ = judge_for(p, "preference", batch_size)
     # The import judge needs only the tokenizer (length checks): lazy loading leaves the weights on disk.
     model, tokenizer = loading.load_model(MODEL, dtype=p.model.dtype, lazy=not judge.generates)
     items = tasks.read_split(PROMPTS) if judge.generates else []
@@ -55,7 +57,9 @@ def main(params_path: str) -> None:
         heldout_origin=str(HELDOUT),
         log=click.echo,
     )
-    m = preference.write_outputs(result, OUT, perf_extra={"chip": chip, "batch_size": batch_size})
+    m = preference.write_outputs(
+        result, OUT, perf_extra={"chip": chip, "batch_size": batch_size}, judge_info=preference.judge_info(judge)
+    )
     click.echo(
         f"preference data: {m['n_pairs']} pairs (avg gap {m['avg_gap']:.3f}, decontamination "
         f"{m['decontamination']:.3f}) from {m['n_prompts']} prompts in {m['passes']} pass(es); "

@@ -15,6 +15,7 @@ from dpoflow.modeling import loading
 from dpoflow.modeling.reward_model import save_reward_model
 from dpoflow.pipeline import reward_model
 from dpoflow.runtime import distributed, io
+from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import load_params
 
 from live_logger import live_logger
@@ -29,6 +30,7 @@ GATE_ONLY = ("min_val_accuracy", "max_overfit_gap")  # thresholds read by the ga
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
+@user_errors
 def main(params_path: str) -> None:
     p = load_params(params_path)
     distributed.init(p.distributed.backend)  # data parallel under mlx.launch (docs/distributed.md)

@@ -8,11 +8,13 @@ import click
 import mlx.core as mx
 
 from dpoflow.data import tasks
+from dpoflow.data.prompts import is_task_item, sft_rows
 from dpoflow.eval import benchmarks
 from dpoflow.modeling import loading
 from dpoflow.pipeline import sft
 from dpoflow.runtime import distributed, io
-from dpoflow.runtime.params import load_params
+from dpoflow.runtime.errors import user_errors
+from dpoflow.runtime.params import input_folder, load_params
 
 from live_logger import live_logger
 
@@ -24,6 +26,7 @@ CHECKPOINT = Path("checkpoints/sft")  # resume point of a killed run (not a DVC 
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
+@user_errors
 def main(params_path: str) -> None:
     p = load_params(params_path)
     distributed.init(p.distributed.backend)  # data parallel under mlx.launch (docs/distributed.md)
@@ -39,10 +42,10 @@ def main(params_path: str) -> None:
             model,
             tokenizer,
             p,
-            [tasks.sft_row(i, p.data.system_prompt) for i in train_items],
-            [tasks.sft_row(i, p.data.system_prompt) for i in val_items],
+            sft_rows(train_items, p.data.system_prompt),
+            sft_rows(val_items, p.data.system_prompt),
             batch_size=batch_size,
-            val_items=val_items,
+            val_items=[i for i in val_items if is_task_item(i)],  # greedy accuracy needs the task's checker
             logger=logger,
             checkpoint_dir=CHECKPOINT,
             fingerprint=repr((p.sft, p.seed, batch_size, loading.model_hash(BASE))),
@@ -54,7 +57,7 @@ def main(params_path: str) -> None:
         benchmarks.run_benchmarks,
         OUT,
         p.benchmarks.tasks,
-        include_path=SPLITS / "lm_eval",
+        include_path=[SPLITS / "lm_eval", input_folder(p, "benchmarks")],
         limit=p.benchmarks.limit,
         seed=p.seed,
         batch_size=p.benchmarks.batch_size,
@@ -73,7 +76,8 @@ def main(params_path: str) -> None:
     io.write_json("metrics/perf/sft.json", perf)
     shutil.rmtree(CHECKPOINT, ignore_errors=True)  # artifacts are written: nothing left to resume
     scores = ", ".join(f"{name} {r['score']:.3f}" for name, r in bench.items())
-    click.echo(f"SFT: val_loss {result['val_loss']:.4f}, val_accuracy {result['val_accuracy']:.3f}; {scores}")
+    accuracy = f", val_accuracy {result['val_accuracy']:.3f}" if "val_accuracy" in result else ""
+    click.echo(f"SFT: val_loss {result['val_loss']:.4f}{accuracy}; {scores}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "tests" / "profiles" / "ci.yaml"
 PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", "pyproject.toml")
-PROJECT_DIRS = ("stages", "dpoflow")
+PROJECT_DIRS = ("stages", "dpoflow", "inputs", "examples")
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
@@ -57,15 +57,18 @@ def run(project: Path, *args: str, check: bool = True, timeout: int = 1800) -> s
     return proc
 
 
-def make_project(dst: Path, overrides: dict | None = None) -> Path:
-    """Copy the pipeline into `dst` as a fresh git + DVC repo on the CI profile (plus `overrides`)."""
+def make_project(dst: Path, overrides: dict | None = None, params: Path | None = None, profile: bool = True) -> Path:
+    """Copy the pipeline into `dst` as a fresh git + DVC repo on the CI profile (plus `overrides`); `params` is
+    another params file to start from (e.g. examples/chat/params.yaml)."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         shutil.copy(ROOT / name, dst / name)
     for name in PROJECT_DIRS:
         shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    profile = yaml.safe_load(PROFILE.read_text())
-    write_params(dst, deep_merge(profile, overrides or {}))
+    if params is not None:
+        shutil.copy(params, dst / "params.yaml")
+    base = yaml.safe_load(PROFILE.read_text()) if profile else {}
+    write_params(dst, deep_merge(base, overrides or {}))
     (dst / ".gitignore").write_text("__pycache__/\n/checkpoints/\n")
     run(dst, "git", "init", "-q")
     run(dst, "dvc", "init", "-q")

@@ -99,7 +99,7 @@ def test_the_shipped_params_and_the_ci_profile_are_valid():
             r"benchmarks\.tasks\[1\]: 3 is not allowed; expected a task name",
         ),
         ("data.sizes.sft_train", -5, r"data\.sizes\.sft_train: -5 is not allowed; must be >= 0"),
-        ("data.system_prompt", None, r"data\.system_prompt: null is not allowed"),
+        ("data.system_prompt", 3, r"data\.system_prompt: 3 is not allowed; expected a string"),
         ("model.base", "", r"model\.base: '' is not allowed; expected a model folder"),
         # combinations
         ("preference.judge", "import", r"preference\.import_path: missing; preference\.judge: import needs"),

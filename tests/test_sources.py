@@ -1,4 +1,5 @@
-"""dpoflow.sources: SFT rows, prompts, Argilla / Label Studio exports, production feedback, splits, examples."""
+"""dpoflow.data (sources, human_labels, feedback): SFT rows, prompts, Argilla / Label Studio exports, production
+feedback, splits, examples."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dpoflow.data.rows import PREVIEW_CHARS, quarantine_preview
 from dpoflow.data.sources import load_prompts, load_sft_rows, split_rows
 from dpoflow.data.tasks import normalize_question
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "chat" / "data"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "chat" / "inputs"
 
 
 def user(text: str) -> dict:
@@ -641,11 +642,11 @@ def test_split_rows_deterministic_and_disjoint():
 
 
 def test_example_files_load_cleanly():
-    sft = load_sft_rows(EXAMPLES / "sft.jsonl")
-    prompts = load_prompts(EXAMPLES / "prompts.jsonl")
-    evals = load_prompts(EXAMPLES / "eval_prompts.jsonl")
-    hh = load_pairs(EXAMPLES / "preferences_hh.jsonl", fmt="hh")
-    feedback = feedback_pairs(EXAMPLES / "feedback.jsonl")
+    sft = load_sft_rows(EXAMPLES / "sft" / "chat.jsonl")
+    prompts = load_prompts(EXAMPLES / "prompts" / "prompts.jsonl")
+    evals = load_prompts(EXAMPLES / "eval" / "eval_prompts.jsonl")
+    hh = load_pairs(EXAMPLES / "labels" / "preferences_hh.jsonl", fmt="hh")
+    feedback = feedback_pairs(EXAMPLES / "labels" / "feedback.jsonl")
     for load in (sft, prompts, evals, hh, feedback):
         assert load.quarantined == []
     assert 40 <= len(sft.rows) <= 80 and 40 <= len(prompts.rows) <= 80 and 40 <= len(evals.rows) <= 80

@@ -42,7 +42,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from dpoflow.data import tasks
 from dpoflow.data.judges import Judge
 from dpoflow.data.pairing import (
     PromptState,
@@ -52,6 +51,7 @@ from dpoflow.data.pairing import (
     token_counter,
 )
 from dpoflow.data.preference_result import PassRecord, PreferenceResult
+from dpoflow.data.prompts import prompt_of
 from dpoflow.data.validation import PairValidation, validate_dpo_pairs
 from dpoflow.modeling.generation import generate
 from dpoflow.runtime.params import PreferenceParams
@@ -116,7 +116,7 @@ def _states(
     return [
         PromptState(
             item=item,
-            prompt=tasks.item_prompt(item, system_prompt),
+            prompt=prompt_of(item, system_prompt),
             location=locations[i] if locations is not None else f"{origin}:{i + 1}",
             heldout=heldout,
         )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dpoflow.data import tasks
+from dpoflow.data.prompts import prompt_of
 
 DEFAULT_NGRAM = 8
 MIN_CONTAINED_TOKENS = 3  # a short eval text with fewer tokens must equal a whole pair text
@@ -225,10 +226,11 @@ def collect_eval_texts(
 ) -> dict[str, list[str]]:
     """Texts of every evaluation set, by set name, for `validate_dpo_pairs(eval_texts=...)`.
 
-    Sets: the task splits `splits` (their `question`s), named by split; and every `*.jsonl` data file of the local
-    lm-eval tasks in `lm_eval_dir` (default `<tasks_dir>/lm_eval`), named `lm_eval/<file stem>`, with the fields of
-    `lm_eval_row_texts`. Task questions lose their task template (`question_templates`, inferred from all task
-    items seen here plus `template_items`, e.g. the preference prompts) unless `strip_templates` is False.
+    Sets: the splits `splits` (a task item's `question`, a user row's non-system messages), named by split; and
+    every `*.jsonl` data file of the local lm-eval tasks in `lm_eval_dir` (default `<tasks_dir>/lm_eval`), named
+    `lm_eval/<file stem>`, with the fields of `lm_eval_row_texts`. Task questions lose their task template
+    (`question_templates`, inferred from all task items seen here plus `template_items`, e.g. the preference
+    prompts) unless `strip_templates` is False.
     """
     tasks_dir = Path(tasks_dir)
     lm_eval_dir = tasks_dir / "lm_eval" if lm_eval_dir is None else Path(lm_eval_dir)
@@ -253,9 +255,15 @@ def collect_eval_texts(
     def question_text(row: Mapping[str, Any]) -> str:
         return strip_template(row["question"], templates.get(row.get("task")))
 
+    def split_texts(item: Mapping[str, Any]) -> list[str]:  # a task item's question; a user row's messages
+        if "question" in item:
+            return [question_text(item)]
+        texts = [m["content"] for m in item.get("prompt") or [] if m["role"] != "system"]
+        return texts or ([item["completion"]] if item.get("completion") else [])
+
     out: dict[str, list[str]] = {}
     for name, items in split_items.items():
-        out[name] = [question_text(item) for item in items]
+        out[name] = [text for item in items for text in split_texts(item)]
     for name, rows in lm_rows.items():
         texts = []
         for row in rows:
@@ -287,7 +295,7 @@ def screen_prompts(
     index = EvalIndex(dict(eval_texts), ngram)
     clean, quarantined = [], []
     for line, item in lines:
-        prompt = tasks.item_prompt(item, system_prompt)
+        prompt = prompt_of(item, system_prompt)
         hits = index.matches([(f"prompt[{i}].content", m["content"]) for i, m in enumerate(prompt)])
         if hits:
             quarantined.append(

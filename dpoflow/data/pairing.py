@@ -11,6 +11,7 @@ from dpoflow.core.batching import encode_completion, encode_prompt
 from dpoflow.data import tasks
 from dpoflow.data.judges import Judge
 from dpoflow.data.pairs import make_pair, prompt_text
+from dpoflow.data.prompts import is_task_item, reference_of
 from dpoflow.runtime.params import PAIRINGS
 
 
@@ -35,7 +36,7 @@ class PromptState:
 
     @property
     def task(self) -> str | None:
-        return None if self.item is None else self.item.get("task")
+        return None if self.item is None else (self.item.get("task") or self.item.get("category"))
 
 
 def dedupe_responses(texts: Sequence[str]) -> tuple[list[str], int, int]:
@@ -90,7 +91,8 @@ def make_pairs(
 
 def reference_pairs(states: Sequence[PromptState], judge: Judge, source: str) -> list[int]:
     """Give each state without a pair whose responses all score below its reference answer one pair: the reference
-    (`tasks.sft_target`) chosen, the worst response rejected. Returns the indices of the states that got one.
+    (an embedded item's `tasks.sft_target`, a user's row's `reference`) chosen, the worst response rejected. Returns
+    the indices of the states that got one.
 
     The reference is judged together with the prompt's responses (one list), so judges whose scores depend on the
     other responses (the reward model centres on their mean) put all of them on one scale; the pair carries the
@@ -99,11 +101,13 @@ def reference_pairs(states: Sequence[PromptState], judge: Judge, source: str) ->
     todo = [
         i
         for i, st in enumerate(states)
-        if not st.pairs and st.responses and st.item is not None and str(st.item.get("answer", "")).strip()
+        if not st.pairs and st.responses and st.item is not None and reference_of(st.item) is not None
     ]
     if not todo:
         return []
-    references = [tasks.sft_target(states[i].item) for i in todo]
+    references = [
+        tasks.sft_target(states[i].item) if is_task_item(states[i].item) else reference_of(states[i].item) for i in todo
+    ]
     scored = judge.score(
         [states[i].item for i in todo],
         [states[i].prompt for i in todo],

@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dpoflow.runtime.errors import UserError
 from dpoflow.runtime.io import atomic_path, write_jsonl
 
 FORMATS = ("auto", "plain", "trl", "ultrafeedback", "hh", "canonical")
@@ -49,7 +50,7 @@ _PARQUET_SUFFIXES = (".parquet", ".pq")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")  # other names: Parquet if the bytes say so, else JSONL
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """A problem with a whole input (missing file, unreadable Parquet, unknown format): `location: field: reason`."""
 
     def __init__(self, location: str, field: str, reason: str):

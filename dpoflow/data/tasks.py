@@ -419,7 +419,8 @@ def write_splits(splits: Mapping[str, list[Mapping[str, Any]]], out_dir: str | P
 
 
 def read_split(path: str | Path) -> list[dict[str, Any]]:
-    """Read a split JSONL written by `write_splits`; errors name file:line."""
+    """Read a split JSONL written by `write_splits` (task items, or the canonical rows of a user's files: SFT rows
+    with `prompt` + `completion`, prompt rows with `prompt`); errors name file:line:field."""
     items = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -429,7 +430,10 @@ def read_split(path: str | Path) -> list[dict[str, Any]]:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{line_no}: invalid JSON: {exc}") from exc
-            for field in ("id", "task", "question", "answer"):
+            required = ("id", "task", "question", "answer") if "prompt" not in item else ("id",)
+            if "prompt" in item and not isinstance(item["prompt"], list):
+                raise ValueError(f"{path}:{line_no}:prompt: not a message list")
+            for field in required:
                 if not isinstance(item.get(field), str):
                     raise ValueError(f"{path}:{line_no}:{field}: missing or not a string")
             items.append(item)

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,34 @@ from dpoflow.data.benchmark_tasks import (
 from dpoflow.data.tasks import SYSTEM_PROMPT
 
 log = logging.getLogger(__name__)
+# One folder of task YAMLs, or several (the local tasks first, then the user's own).
+IncludePath = str | os.PathLike | Sequence[str | os.PathLike] | None
 
 
-def _read_manifest(include_path: str | os.PathLike | None) -> dict[str, dict[str, Any]]:
+def _include_paths(include_path: IncludePath) -> list[Path]:
     if include_path is None:
-        return {}
-    path = Path(include_path) / MANIFEST
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        return []
+    paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
+    return [Path(p) for p in paths]
+
+
+def user_tasks(folder: str | os.PathLike) -> list[str]:
+    """The lm-eval task names the YAML files in `folder` define (a user's own tasks; `task:` keys)."""
+    names = []
+    for path in sorted(Path(folder).rglob("*.yaml")) if Path(folder).is_dir() else []:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("task:"):
+                names.append(line.split(":", 1)[1].strip().strip("'\""))
+    return names
+
+
+def _read_manifest(include_path: IncludePath) -> dict[str, dict[str, Any]]:
+    """The local tasks' manifest (dpoflow.data.benchmark_tasks), from the first include path that has one."""
+    for folder in _include_paths(include_path):
+        path = folder / MANIFEST
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+    return {}
 
 
 def _flatten(task_results: Mapping[str, Any]) -> dict[str, float]:
@@ -57,7 +78,7 @@ def _flat_score(task: str, metrics: Mapping[str, float], manifest: Mapping[str, 
 def run_benchmarks(
     model_path: str | os.PathLike,
     task_names: list[str],
-    include_path: str | os.PathLike | None,
+    include_path: IncludePath,
     limit: int | float | None | Mapping[str, int | float | None] = None,
     seed: int = 0,
     batch_size: int = 8,
@@ -90,7 +111,8 @@ def run_benchmarks(
             "run write_local_tasks first (task_gen/task_mc need the eval/heldout splits)"
         )
     if offline is None:
-        offline = all(t in manifest for t in task_names)
+        user = {t for folder in _include_paths(include_path) for t in user_tasks(folder)}
+        offline = all(t in manifest or t in user for t in task_names)
     if offline:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -108,7 +130,10 @@ def run_benchmarks(
     lm = MLXLM(str(model_path), batch_size=batch_size, use_chat_template=False)
     has_chat = lm.tokenizer.chat_template is not None
     stock = [t for t in task_names if t not in manifest]
-    task_manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=bool(stock))
+    folders = [str(p) for p in _include_paths(include_path) if p.is_dir() and any(p.rglob("*.yaml"))]
+    user = {t for folder in folders for t in user_tasks(folder)}
+    stock = [t for t in stock if t not in user]
+    task_manager = TaskManager(include_path=folders or None, include_defaults=bool(stock))
 
     # lm-eval takes one chat setting, system prompt and limit per call: one call per group of tasks sharing them.
     groups: dict[tuple[bool, bool, Any], list[str]] = {}

@@ -34,6 +34,7 @@ class Check:
     param: str  # params.yaml key holding the threshold
     advice: str  # what the workflow prescribes when the check fails
     blocking: bool = True  # False: a flag (reported and recorded, does not fail the gate)
+    applies: bool = True  # False: this data has nothing to check it on (e.g. accuracy without a verifier)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,10 @@ class CheckResult:
 
 
 def gate_checks(stage: str, p: Params) -> list[Check]:
-    """The checks of one stage's gate, with thresholds read from params."""
+    """The checks of one stage's gate, with thresholds read from params; what applies, and the advice, follow the
+    data's source (a verifier exists only for the embedded task; imported pairs are not generated)."""
+    imported = p.preference.judge == "import"
+    more_prompts = "data.sizes.pref_prompts" if p.data.source == "embedded" else "more rows in data.prompts"
     checks: dict[str, list[Check]] = {
         "sft": [
             Check(
@@ -63,6 +67,7 @@ def gate_checks(stage: str, p: Params) -> list[Check]:
                 p.sft.min_val_accuracy,
                 "sft.min_val_accuracy",
                 "train longer (sft.steps) or with a higher sft.learning_rate, or check the SFT data",
+                applies=p.data.source == "embedded",  # greedy accuracy needs the task's checker
             ),
             Check(
                 "val_loss",
@@ -80,7 +85,10 @@ def gate_checks(stage: str, p: Params) -> list[Check]:
                 ">=",
                 p.preference.min_gap,
                 "preference.min_gap",
-                "generate more diverse responses (raise preference.temperature or samples_per_prompt) "
+                "the labels barely separate chosen from rejected: import pairs with clearer preferences (or drop the "
+                "close calls)"
+                if imported
+                else "generate more diverse responses (raise preference.temperature or samples_per_prompt) "
                 "or use a stricter judge",
             ),
             Check(
@@ -89,7 +97,9 @@ def gate_checks(stage: str, p: Params) -> list[Check]:
                 ">=",
                 p.preference.min_pairs,
                 "preference.min_pairs",
-                "generate more: raise data.sizes.pref_prompts, preference.samples_per_prompt or max_extra_passes",
+                "import or label more pairs (preference.import_path), or lower preference.min_pairs for a first try"
+                if imported
+                else f"generate more: {more_prompts}, preference.samples_per_prompt or max_extra_passes",
             ),
             Check(
                 "decontamination",
@@ -213,7 +223,7 @@ def gate_checks(stage: str, p: Params) -> list[Check]:
     }
     if stage not in checks:
         raise KeyError(f"unknown gate {stage!r}; gates: {', '.join(checks)}")
-    return checks[stage]
+    return [c for c in checks[stage] if c.applies]
 
 
 def lookup(metrics: dict, dotted: str) -> Any:

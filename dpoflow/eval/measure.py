@@ -40,6 +40,7 @@ from dpoflow.core.losses import (
     preference_stats,
 )
 from dpoflow.data import tasks
+from dpoflow.data.prompts import is_task_item, prompt_of, verify
 from dpoflow.modeling import lora
 from dpoflow.modeling.generation import generate
 from dpoflow.runtime.params import Params
@@ -52,7 +53,7 @@ def kl_prompt_messages(items: Sequence[Mapping[str, Any]], n: int, system_prompt
     """The KL prompts: chat messages of the first `n` held-out task items (`init.kl_prompts`)."""
     if len(items) < n:
         raise ValueError(f"need {n} held-out items for the KL prompts (init.kl_prompts), got {len(items)}")
-    return [tasks.item_prompt(item, system_prompt) for item in items[:n]]
+    return [prompt_of(item, system_prompt) for item in items[:n]]
 
 
 def sample_completions(
@@ -193,11 +194,14 @@ def greedy_accuracy(
     desc: str = "accuracy",
 ) -> dict[str, float]:
     """Fraction of items whose greedy answer the task checker scores 1.0 (and the mean score)."""
-    prompts = [tasks.make_prompt(item["question"], system_prompt) for item in items]
+    prompts = [  # an embedded item is asked as Stage 1 validates (numeric instruction); a user's row as it is
+        tasks.make_prompt(item["question"], system_prompt) if is_task_item(item) else prompt_of(item, system_prompt)
+        for item in items
+    ]
     gens = generate(
         model, tokenizer, prompts, n_samples=1, temperature=0.0, max_tokens=max_tokens, batch_size=batch_size, desc=desc
     )
-    scores = [tasks.score(item, texts[0]) for item, texts in zip(items, gens.texts)]
+    scores = [verify(item, texts[0]) for item, texts in zip(items, gens.texts)]
     return {
         "accuracy": float(np.mean([s >= 1.0 for s in scores])),
         "mean_score": float(np.mean(scores)),

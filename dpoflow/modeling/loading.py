@@ -22,6 +22,7 @@ from mlx_lm.utils import save_model as _mlx_save_model
 from tokenizers import Tokenizer, pre_tokenizers
 
 from dpoflow.modeling.lora import lora_modules
+from dpoflow.runtime.errors import UserError
 from dpoflow.runtime.io import atomic_path, file_sha256, read_json, write_json
 from dpoflow.runtime.params import DTYPES
 
@@ -69,15 +70,15 @@ ROUND_TRIP_TEXTS = (
 )
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A model folder that dpoflow refuses to load, or cannot find."""
 
 
-class ArchitectureMismatch(ValueError):
+class ArchitectureMismatch(UserError, ValueError):
     """Two models (or configs) that should share an architecture do not."""
 
 
-class ModelVerificationError(RuntimeError):
+class ModelVerificationError(UserError, RuntimeError):
     """A converted model that fails its self-check."""
 
 
@@ -211,7 +212,12 @@ def model_folder(path: str | Path) -> Path:
     try:
         return Path(snapshot_download(str(path), allow_patterns=DEFAULT_ALLOW_PATTERNS))
     except OSError as error:  # hub errors (offline, unknown repo, HTTP) are all OSErrors
-        raise ModelLoadError(f"{path!s}: not a local folder, and fetching it as a hub id failed: {error}") from error
+        reason = " ".join(str(error).split())[:200]
+        raise ModelLoadError(
+            f"{path!s}: not a local folder, and fetching it from the Hugging Face hub failed ({type(error).__name__}: "
+            f"{reason}). Online: check the id. Offline: download it on a machine that is online "
+            f"(`huggingface-cli download {path!s} --local-dir inputs/model/<name>`) and point the param at that folder"
+        ) from None
 
 
 def load_model(

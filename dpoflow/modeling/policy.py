@@ -23,11 +23,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from dpoflow.modeling import loading, lora
 from dpoflow.runtime import io
+from dpoflow.runtime.errors import UserError
 
 POLICY_CONFIG = "policy_config.json"
 
 
-class StalePolicy(ValueError):
+class StalePolicy(UserError, ValueError):
     """A saved policy was initialized from a different reference model than the one given."""
 
 

@@ -28,11 +28,12 @@ from dpoflow.core.batching import (
 )
 from dpoflow.core.logprobs import completion_logprobs
 from dpoflow.runtime import io
+from dpoflow.runtime.errors import UserError
 
 REF_LOGPS_FORMAT = "dpoflow-ref-logps-v1"
 
 
-class StaleRefLogps(ValueError):
+class StaleRefLogps(UserError, ValueError):
     """The reference log-prob cache does not belong to these pairs / this reference model / this max_len."""
 
 

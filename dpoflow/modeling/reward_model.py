@@ -51,6 +51,7 @@ from dpoflow.core.logprobs import (
     shared_target_index,
 )
 from dpoflow.modeling import loading, lora
+from dpoflow.runtime.errors import UserError
 from dpoflow.runtime.io import atomic_path, read_json, write_json
 
 FORMAT_VERSION = 1
@@ -66,7 +67,7 @@ HEAD_INIT_STD = 0.02  # normal(0, 0.02) head weight, zero bias (HF's initializer
 DEFAULT_LORA_SCALE = 20.0  # mlx-lm's default; params.yaml has no reward_model.lora_scale
 
 
-class RewardModelError(ValueError):
+class RewardModelError(UserError, ValueError):
     """A reward-model folder that cannot be loaded as asked."""
 
 

@@ -60,12 +60,26 @@ def run(
     )
 
 
-def write_outputs(result: PreferenceResult, out: PreferenceOutputs, perf_extra: Mapping[str, Any]) -> dict:
+def judge_info(judge: Judge) -> dict:
+    """What a judge reports beside the pairs: the llm judge's position-bias rate, what an import read."""
+    info = dict(getattr(judge, "info", {}) or {})
+    rate = getattr(judge, "position_bias_rate", None)
+    if rate is not None:
+        info["judge_position_bias_rate"] = rate
+    return info
+
+
+def write_outputs(
+    result: PreferenceResult,
+    out: PreferenceOutputs,
+    perf_extra: Mapping[str, Any],
+    judge_info: Mapping[str, Any] | None = None,
+) -> dict:
     """Write every Stage 2 artifact atomically; returns the metrics."""
     write_pairs(result.pairs, out.pairs, out.pairs_jsonl)
     write_pairs(result.heldout_pairs, out.heldout_pairs)
     write_quarantine(result.all_quarantined, out.quarantine)
-    metrics = result.metrics()
+    metrics = {**result.metrics(), **{k: v for k, v in (judge_info or {}).items() if k.startswith("judge_")}}
     io.write_text(out.report, render_preference_report(result, metrics, quarantine_file=str(out.quarantine)))
     io.write_json(out.metrics, metrics)
     io.write_json(out.perf, {**result.perf, **dict(perf_extra)})

@@ -8,7 +8,7 @@ timestamps, fixed formatting).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ class ReportInputs:
     curves: Mapping[str, Mapping[str, Series]]
     params: Params
     files: Mapping[str, str] = field(default_factory=dict)
+    provenance: Sequence[str] = ()  # which data and which judge each number comes from, one line each
 
 
 def collect(inputs: ReportInputs) -> dict:
@@ -68,6 +69,7 @@ def collect(inputs: ReportInputs) -> dict:
             "min_win_rate_lower": p.evaluate.min_win_rate_lower,
         },
         "files": files,
+        "provenance": list(inputs.provenance),
     }
 
 
@@ -173,6 +175,8 @@ def render_markdown(data: Mapping[str, Any], plot_files: Mapping[str, tuple[str,
     ev, d = data["evaluate"], data["deploy"]
     verdict = "DEPLOY" if d["deploy"] else "DO NOT DEPLOY"
     lines = [f"# dpoflow report: **{verdict}**", ""] + [f"- {x}" for x in _summary_lines(data)]
+    if data["provenance"]:
+        lines += ["", "## Data and judges", ""] + [f"- {x}" for x in data["provenance"]]
     lines += [
         "",
         f"## Gate checks (`{data['files']['deploy']}`)",
@@ -295,6 +299,9 @@ def render_html(data: Mapping[str, Any], svgs: Mapping[str, tuple[str, str]]) ->
         "<h1>dpoflow: deploy decision</h1>",
         f'<div class="verdict {"deploy" if d["deploy"] else "nodeploy"}" id="decision">{esc(verdict)}</div>',
         "<ul>" + "".join(f"<li>{esc(x)}</li>" for x in _summary_lines(data)) + "</ul>",
+        "<h2>Data and judges</h2><ul>" + "".join(f"<li>{esc(x)}</li>" for x in data["provenance"]) + "</ul>"
+        if data["provenance"]
+        else "",
         "<h2>Gate checks</h2><table><tr><th>check</th><th>value</th><th>rule</th><th>param</th><th>result</th></tr>",
     ]
     for a, b, c, p_, r in _check_rows(d):

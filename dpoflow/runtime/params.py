@@ -7,15 +7,16 @@ what is allowed. Stage scripts call `load_params()` and read attributes (`p.dpo.
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args
 
-import click
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from dpoflow.runtime.device import detect_chip
+from dpoflow.runtime.schema import ParamsError, _build, _check_value, _spec
 
 # Every choice list of the project, declared once: a params field annotated with one of these Literals accepts
 # exactly its values, and the library modules import the tuples from here.
@@ -24,7 +25,11 @@ Backend = Literal["auto", "ring", "mpi", "jaccl", "nccl", "none"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 Finetune = Literal["lora", "full"]
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "conservative"]
-Judge = Literal["verifier", "reward_model", "import"]
+JudgeKind = Literal["verifier", "reward_model", "llm", "import"]  # or python:<module>:<function>
+Source = Literal["embedded", "files"]
+ImportFormat = Literal[
+    "auto", "plain", "trl", "ultrafeedback", "hh", "canonical", "argilla", "label_studio", "feedback"
+]
 Pairing = Literal["best_vs_worst", "all_pairs"]
 ConflictRule = Literal["majority", "score", "drop"]
 Reference = Literal["initial", "previous"]
@@ -35,26 +40,16 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 DTYPES: tuple[str, ...] = get_args(Dtype)
 FINETUNES: tuple[str, ...] = get_args(Finetune)
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
-JUDGES: tuple[str, ...] = get_args(Judge)
+JUDGES: tuple[str, ...] = get_args(JudgeKind)
+SOURCES: tuple[str, ...] = get_args(Source)
+IMPORT_FORMATS: tuple[str, ...] = get_args(ImportFormat)
+PYTHON_JUDGE = re.compile(r"^python:([A-Za-z_][\w.]*):([A-Za-z_]\w*)$")
+# The folders under `inputs` (one per kind of input, each a DVC dependency of exactly the stages that read it).
+INPUT_KINDS = ("model", "sft", "prompts", "eval", "labels", "judge", "benchmarks")
 PAIRINGS: tuple[str, ...] = get_args(Pairing)
 CONFLICT_RULES: tuple[str, ...] = get_args(ConflictRule)
 REFERENCES: tuple[str, ...] = get_args(Reference)
 SPLITS: tuple[str, ...] = get_args(Split)
-
-
-class ParamsError(click.ClickException, ValueError):
-    """A params.yaml value is missing or not allowed. A click error: a stage script prints `Error: <message>` and
-    exits 1 before doing any work (no traceback)."""
-
-
-def _spec(
-    default: Any = dataclasses.MISSING, *, low=None, high=None, low_open=False, default_factory=dataclasses.MISSING
-) -> Any:
-    """A dataclass field carrying its numeric range (choices come from the field's Literal type)."""
-    meta = {"low": low, "high": high, "low_open": low_open}
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -68,11 +63,37 @@ class ModelParams:
 
 
 @dataclass(frozen=True)
+class SplitFractions:
+    """data.source files: the seeded, disjoint splits taken from the user's rows when no file is given for them."""
+
+    sft_val: float = _spec(0.1, low=0, high=0.5, low_open=True)  # of data.sft, when data.sft_val is null
+    heldout: float = _spec(0.1, low=0, high=0.5, low_open=True)  # of data.prompts: held-out pairs, KL prompts
+    eval: float = _spec(0.15, low=0, high=0.5, low_open=True)  # of data.prompts, when data.eval_prompts is null
+    rounds: float = _spec(0.25, low=0, high=0.8)  # of data.prompts: Stage 6's rounds (the part Stage 2 does not use)
+
+
+@dataclass(frozen=True)
 class DataParams:
-    system_prompt: str = "Reply with only the final answer, no explanation."
+    source: Source = "embedded"
+    system_prompt: str | None = "Reply with only the final answer, no explanation."
+    # source embedded: split sizes and the task mix for dpoflow.data.tasks (empty = the library's default mix).
     sizes: dict = field(default_factory=dict)
-    # Task mix for dpoflow.data.tasks; empty = the library's default mix.
     tasks: dict = field(default_factory=dict)
+    # source files: paths under <inputs>/sft, <inputs>/prompts, <inputs>/eval, or a datasets name (hf:owner/name)
+    sft: str | None = None
+    sft_val: str | None = None
+    prompts: str | None = None
+    eval_prompts: str | None = None
+    fractions: SplitFractions = field(default_factory=SplitFractions)
+
+
+@dataclass(frozen=True)
+class JudgeParams:
+    """What the llm and reward_model judges read (Stage 2; Stages 6 and 7 judge with Stage 4's reward model)."""
+
+    model: str | None = None  # llm: <inputs>/judge/<folder or .gguf>, or a hub id
+    template: str | None = None  # llm: <inputs>/judge/<file> with {prompt}, {response_a}, {response_b}
+    reward_model: str | None = None  # Stage 2's reward_model judge: a reward-model folder under <inputs>/judge
 
 
 @dataclass(frozen=True)
@@ -99,8 +120,9 @@ class BenchmarkParams:
 
 @dataclass(frozen=True)
 class PreferenceParams:
-    judge: Judge = "verifier"
-    import_path: str | None = None
+    judge: str = "verifier"  # verifier | reward_model | llm | import | python:<module>:<function>
+    import_path: str | None = None  # judge import: <inputs>/labels/<file>, or a datasets name
+    import_format: ImportFormat = "auto"
     samples_per_prompt: int = _spec(4, low=2)
     temperature: float = _spec(0.9, low=0)
     top_p: float = _spec(1.0, low=0, high=1, low_open=True)
@@ -118,7 +140,6 @@ class PreferenceParams:
     # A prompt none of whose samples reaches the task's reference answer gets the reference as chosen (verifier /
     # reward-model judge with task items; dpoflow.data.pairing.reference_pairs).
     reference_chosen: bool = False
-    reward_model_path: str | None = None
     min_gap: float = _spec(0.15, low=0, high=1)
     min_pairs: int = _spec(1000, low=1)
     min_decontamination: float = _spec(0.9, low=0, high=1)
@@ -177,6 +198,7 @@ class DpoParams:
 @dataclass(frozen=True)
 class IterateParams:
     rounds: int = _spec(2, low=0)
+    judge: str = "auto"  # auto (preference.judge; reward_model when that is import) | verifier | reward_model | ...
     prompts_per_round: int = _spec(400, low=1)
     reference: Reference = "initial"
     max_steps: int = _spec(60, low=1)
@@ -192,6 +214,7 @@ class IterateParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     win_rate_prompts: int = _spec(200, low=1)
+    judge: str = "auto"  # as iterate.judge
     # Decoding of the win-rate responses: 0 = greedy; > 0 = one sample per prompt and model at this temperature
     # (seeded). The other decoding is always measured too and reported beside it (docs/evaluation-monitoring.md).
     win_rate_temperature: float = _spec(0.0, low=0)
@@ -214,18 +237,29 @@ class DistributedParams:
 class Params:
     seed: int = _spec(0, low=0)
     chip: Literal["auto", Chip] = "auto"
+    inputs: str = "inputs"  # the folder of the user's inputs, one subfolder per kind (INPUT_KINDS)
     batch_size: dict = field(default_factory=dict)
     model: ModelParams = field(default_factory=ModelParams)
     data: DataParams = field(default_factory=DataParams)
     sft: SftParams = field(default_factory=SftParams)
     benchmarks: BenchmarkParams = field(default_factory=BenchmarkParams)
     preference: PreferenceParams = field(default_factory=PreferenceParams)
+    judges: JudgeParams = field(default_factory=JudgeParams)
     init: InitParams = field(default_factory=InitParams)
     reward_model: RewardModelParams = field(default_factory=RewardModelParams)
     dpo: DpoParams = field(default_factory=DpoParams)
     iterate: IterateParams = field(default_factory=IterateParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     distributed: DistributedParams = field(default_factory=DistributedParams)
+
+    def stage_judge(self, stage: str) -> str:
+        """The judge of Stage 2 ("preference"), Stage 6 ("iterate") or Stage 7 ("evaluate"): iterate.judge and
+        evaluate.judge `auto` follow preference.judge, except that imported labels judge nothing new, so the
+        Stage 4 reward model trained on them judges the rounds and the win rate."""
+        chosen = getattr(self, stage).judge
+        if stage == "preference" or chosen != "auto":
+            return chosen
+        return "reward_model" if self.preference.judge == "import" else self.preference.judge
 
     def resolved_chip(self) -> str:
         return detect_chip() if self.chip == "auto" else self.chip
@@ -237,79 +271,6 @@ class Params:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _choices(typ: Any) -> tuple[str, ...]:
-    """The values a Literal type (possibly nested: Literal["auto", Chip]) allows."""
-    if get_origin(typ) is not Literal:
-        return ()
-    return tuple(v for arg in get_args(typ) for v in (_choices(arg) or (arg,)))
-
-
-def _check_value(key: str, value: Any, typ: Any, meta: dict) -> Any:
-    choices = _choices(typ)
-    if choices:
-        if value not in choices:
-            raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; allowed values: {', '.join(choices)}")
-        return value
-    optional = get_origin(typ) is not None and type(None) in get_args(typ)
-    if value is None:
-        if optional:
-            return None
-        raise ParamsError(f"params.yaml: {key}: null is not allowed")
-    base = next((a for a in getattr(typ, "__args__", ()) if a is not type(None)), typ) if optional else typ
-    if base is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; use true or false")
-    elif base in (int, float):
-        expected = "an integer" if base is int else "a number"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; expected {expected}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; expected a finite number")
-        if base is int and isinstance(value, float) and not value.is_integer():
-            raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; expected {expected}")
-        try:
-            value = base(value)
-        except OverflowError:  # an integer literal too large for a float
-            raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; expected a finite number") from None
-    elif base is str and not isinstance(value, str):
-        raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; expected a string")
-    elif base is list and not isinstance(value, list):
-        raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; expected a list")
-    elif base is dict and not isinstance(value, dict):
-        raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; expected a mapping")
-    low, high = meta.get("low"), meta.get("high")
-    too_low = low is not None and (value < low or (meta.get("low_open") and value == low))
-    if too_low or (high is not None and value > high):
-        bounds = [] if low is None else [f"> {low}" if meta.get("low_open") else f">= {low}"]
-        bounds += [] if high is None else [f"<= {high}"]
-        raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; must be {' and '.join(bounds)}")
-    return value
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ParamsError(
-            f"params.yaml: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {type(raw).__name__}"
-        )
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ParamsError(f"params.yaml: {prefix}{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(known))}")
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in raw:
-            continue
-        key, typ = f"{prefix}{f.name}", hints[f.name]
-        if dataclasses.is_dataclass(typ):
-            kwargs[f.name] = _build(typ, raw[f.name], key + ".")
-        else:
-            kwargs[f.name] = _check_value(key, raw[f.name], typ, dict(f.metadata))
-    return cls(**kwargs)
 
 
 def parse_params(raw: dict) -> Params:
@@ -335,24 +296,145 @@ def parse_params(raw: dict) -> Params:
     for i, task in enumerate(params.benchmarks.tasks):
         if not isinstance(task, str) or not task.strip():
             raise ParamsError(f"params.yaml: benchmarks.tasks[{i}]: {task!r} is not allowed; expected a task name")
-    if params.preference.judge == "import" and not params.preference.import_path:
-        raise ParamsError(
-            "params.yaml: preference.import_path: missing; preference.judge: import needs a JSONL/"
-            "Parquet file or a datasets name"
-        )
+    _check_sources(params)
+    _check_judges(params)
     if params.dpo.loss_type in ("robust", "conservative") and params.dpo.label_smoothing >= 0.5:
         raise ParamsError("params.yaml: dpo.label_smoothing: must be < 0.5 for robust/conservative losses")
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def is_hub_name(spec: str) -> bool:
+    """`hf:owner/name[:split]`, or `owner/name` that is not a path (a hub model id or datasets name)."""
+    if spec.startswith("hf:"):
+        return True
+    return (
+        spec.count("/") == 1
+        and not spec.startswith(("/", ".", "~"))
+        and not Path(spec).exists()
+        and Path(spec).suffix.lower() not in (".jsonl", ".json", ".parquet", ".gguf", ".ndjson", ".pq")
+    )
+
+
+# Params that name an input, and the <inputs> subfolder a local one must be in (so DVC tracks it).
+INPUT_PARAMS = (
+    ("data.sft", "sft"),
+    ("data.sft_val", "sft"),
+    ("data.prompts", "prompts"),
+    ("data.eval_prompts", "eval"),
+    ("preference.import_path", "labels"),
+    ("judges.model", "judge"),
+    ("judges.template", "judge"),
+    ("judges.reward_model", "judge"),
+)
+
+
+def hub_params(params: Params) -> list[tuple[str, str]]:
+    """(key, value) of every param that names a Hugging Face hub model or dataset (network needed to fetch it)."""
+    base = params.model.base
+    local_base = base == "tiny" or base.startswith("package:") or not is_hub_name(base)
+    found = [] if local_base else [("model.base", base)]
+    for key, _ in INPUT_PARAMS:
+        value = param_value(params, key)
+        if value is not None and key != "judges.template" and is_hub_name(value):
+            found.append((key, value))
+    return found
+
+
+def param_value(params: Params, dotted: str) -> Any:
+    value: Any = params
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def input_folder(params: Params, kind: str) -> Path:
+    return Path(params.inputs) / kind
+
+
+def _check_input_path(params: Params, key: str, kind: str) -> None:
+    value = param_value(params, key)
+    if value is None or (key != "judges.template" and is_hub_name(value)):
+        return
+    folder = input_folder(params, kind)
+    path = Path(value)
+    if path.is_absolute() or ".." in path.parts or folder not in path.parents:
+        raise ParamsError(
+            f"params.yaml: {key}: {value!r} is not under {folder}/; put the file there (DVC tracks {folder} as a "
+            f"dependency of the stages that read it; large files: `dvc add {folder}/<file>`), or give a datasets "
+            "name (hf:owner/name)"
+        )
+
+
+def _check_sources(params: Params) -> None:
+    d = params.data
+    files = ("sft", "sft_val", "prompts", "eval_prompts")
+    if d.source == "embedded":
+        given = [f"data.{name}" for name in files if getattr(d, name) is not None]
+        if given:
+            raise ParamsError(f"params.yaml: {given[0]}: set, but data.source is embedded; set data.source: files")
+    else:
+        for name in ("sft", "prompts"):
+            if getattr(d, name) is None:
+                raise ParamsError(
+                    f"params.yaml: data.{name}: missing; data.source: files needs your SFT rows (data.sft) and your "
+                    "prompts (data.prompts) under the inputs folder (docs/bring-your-own.md)"
+                )
+        embedded_tasks = [t for t in params.benchmarks.tasks if t in ("dpoflow_task_gen", "dpoflow_task_mc")]
+        if embedded_tasks:
+            raise ParamsError(
+                f"params.yaml: benchmarks.tasks: {embedded_tasks[0]} measures the embedded arithmetic task; with "
+                "data.source: files use dpoflow_text_cloze, stock lm-eval tasks or your own task YAMLs in "
+                f"{input_folder(params, 'benchmarks')}/"
+            )
+    for key, kind in INPUT_PARAMS:
+        _check_input_path(params, key, kind)
+
+
+def _check_judge_spec(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value in allowed or PYTHON_JUDGE.match(value):
+        return
+    raise ParamsError(
+        f"params.yaml: {key}: {value!r} is not allowed; allowed values: {', '.join(allowed)}, "
+        "python:<module>:<function>"
+    )
+
+
+def _check_judges(params: Params) -> None:
+    pp = params.preference
+    _check_judge_spec("preference.judge", pp.judge, JUDGES)
+    for stage in ("iterate", "evaluate"):
+        _check_judge_spec(f"{stage}.judge", getattr(params, stage).judge, ("auto",) + JUDGES[:-1])
+    if pp.judge == "import" and not pp.import_path:
+        raise ParamsError(
+            "params.yaml: preference.import_path: missing; preference.judge: import needs your labelled pairs "
+            "(a JSONL/Parquet file under the inputs folder's labels/, or a datasets name)"
+        )
+    if pp.judge == "reward_model" and not params.judges.reward_model:
+        raise ParamsError(
+            "params.yaml: judges.reward_model: missing; preference.judge: reward_model at Stage 2 needs a trained "
+            "reward model folder (Stage 4's does not exist yet when Stage 2 runs); or use judge llm / python:..."
+        )
+    used = {params.stage_judge(stage) for stage in ("preference", "iterate", "evaluate")}
+    if "llm" in used and not params.judges.model:
+        raise ParamsError("params.yaml: judges.model: missing; the llm judge needs a local model (folder or .gguf)")
+
+
+def read_params_file(path: str | Path) -> dict:
+    """The params file as DVC reads it (YAML 1.2, ruamel: `1e-4` is a number, as DVC compares it)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found; run from the project root or pass --params") from None
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    try:
+        raw = YAML(typ="safe", pure=True).load(text)
+    except YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    return raw if raw is not None else {}
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    raw = read_params_file(path)
     try:
         return parse_params(raw)
     except ParamsError as err:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from dpoflow.core.batching import length_grouped_batches
 from dpoflow.runtime import distributed, io
+from dpoflow.runtime.errors import UserError
 from dpoflow.training.callbacks import MetricLogger
 from dpoflow.training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -42,7 +43,7 @@ Batch = Any
 LossFn = Callable[[nn.Module, Batch], tuple[mx.array, dict[str, mx.array]]]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """Loss or gradients became NaN/Inf."""
 
 
