@@ -11,7 +11,7 @@ Sections, in priority order (each writes benchmarks/results/<name>.json; RESULTS
   trl-best    TRL LoRA + precomputed reference at both shapes
   trl         TRL: the other configurations (per-step reference, full)
   mlx-lm-lora mlx-lm-lora DPO, LoRA and full, both shapes
-  dvc         no-op `dvc repro` time (skipped while a `dvc repro` runs) + metrics/perf/*.json stage times
+  dvc         no-op `dvc repro` time (skipped while a `dvc repro` runs) + reports/perf/*.json stage times
 Every command runs under `nice -n 19` (the machine may be shared with a pipeline run that keeps priority).
 """
 
@@ -107,7 +107,7 @@ def dvc_noop() -> None:
     busy = subprocess.run(["pgrep", "-f", "dvc repro"], capture_output=True, text=True).stdout.split()
     busy = [p for p in busy if int(p) != os.getpid()]
     out: dict = {"stage_perf": {}}
-    for f in sorted((PROJECT / "metrics/perf").glob("*.json")):
+    for f in sorted((PROJECT / "reports/perf").glob("*.json")):
         out["stage_perf"][f.stem] = json.loads(f.read_text())
     dvc = str(PROJECT / ".venv/bin/dvc")
     stale = None
@@ -319,7 +319,7 @@ def report() -> str:
             "",
         ]
         if dvc["stage_perf"]:
-            lines += ["Per-stage perf of the embedded-default pipeline (`metrics/perf/*.json`):", ""]
+            lines += ["Per-stage perf of the embedded-default pipeline (`reports/perf/*.json`):", ""]
             for stage, perf in dvc["stage_perf"].items():
                 lines.append(
                     f"- {stage}: "

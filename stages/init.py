@@ -23,6 +23,7 @@ OUT = Path("models/policy_init")
 REF_LOGPS = Path("data/ref_logps.safetensors")
 PAIRS = {"train": Path("data/pairs.parquet"), "heldout": Path("data/heldout_pairs.parquet")}
 HELDOUT_TASKS = Path("data/tasks/heldout.jsonl")
+METRIC_KEYS = ("initial_kl", "trainable_parameters")
 
 
 @click.command()
@@ -69,24 +70,23 @@ def main(params_path: str) -> None:
             "ref_logps": {"path": str(REF_LOGPS), **{f"n_{s}_pairs": len(rows) for s, rows in pairs.items()}},
         },
     )
-    io.write_json(
-        "metrics/init.json",
-        {
-            "initial_kl": kl["kl"],
-            "initial_kl_seq": kl["kl_seq"],
-            "initial_k3": kl["k3"],
-            "kl_n_tokens": kl["n_tokens"],
-            "architecture_match": 1,
-            "n_train_pairs": len(pairs["train"]),
-            "n_heldout_pairs": len(pairs["heldout"]),
-            "finetune": p.dpo.finetune,
-            "trainable_parameters": trainable_parameter_count(policy.model),
-            "reference_hash": policy.reference_hash,
-            "chip": chip,
-            "batch_size": batch_size,
-        },
-    )
-    io.write_json("metrics/perf/init.json", timings)
+    detail = {
+        "initial_kl": kl["kl"],
+        "initial_kl_seq": kl["kl_seq"],
+        "initial_k3": kl["k3"],
+        "kl_n_tokens": kl["n_tokens"],
+        "architecture_match": 1,
+        "n_train_pairs": len(pairs["train"]),
+        "n_heldout_pairs": len(pairs["heldout"]),
+        "finetune": p.dpo.finetune,
+        "trainable_parameters": trainable_parameter_count(policy.model),
+        "reference_hash": policy.reference_hash,
+        "chip": chip,
+        "batch_size": batch_size,
+    }
+    io.write_json("reports/init.json", detail)
+    io.write_json("metrics/init.json", io.headline(detail, METRIC_KEYS))
+    io.write_json("reports/perf/init.json", timings)
     n_pairs = sum(len(rows) for rows in pairs.values())
     click.echo(
         f"init: initial KL {kl['kl']:.3g} over {kl['n_tokens']} sampled tokens; reference log-probs of "

@@ -2,7 +2,8 @@
 judged, validated (Stage 2's checks), reference log-probs, a DPO pass (Stage 5's training, KL rule included);
 after each round KL / held-out gap / task accuracy / benchmarks against SFT, compared with the previous round:
 continue, roll back (and stop) or stop as converged. Writes models/selected (the best eligible round), the round
-pairs and quarantine (data/rounds/), metrics/iterate.json, dvclive/iterate (step = round) and reports/iterate.md."""
+pairs and quarantine (data/rounds/), metrics/iterate.json (the selected round's numbers), reports/iterate.json (every
+round), reports/iterate.md and dvclive/iterate (step = round)."""
 
 import logging
 import shutil
@@ -41,6 +42,7 @@ HELDOUT_PAIRS = Path("data/heldout_pairs.parquet")
 REF_LOGPS = Path("data/ref_logps.safetensors")
 OUT = Path("models/selected")
 ROUND_PAIRS = Path("data/rounds")
+METRIC_KEYS = ("selected_round", "selected_kl", "selected_heldout_gap", "n_rounds_run")  # and rolled_back (0/1)
 WORK = Path("checkpoints/iterate")  # round states of a killed run (not a DVC output)
 
 
@@ -156,16 +158,20 @@ def main(params_path: str) -> None:
             else [result.selected_round],
         },
     )
-    metrics = {**result.metrics(), "chip": chip, "batch_size": batch_size}
-    io.write_json("metrics/iterate.json", metrics)
-    io.write_json("metrics/perf/iterate.json", {**result.perf, "chip": chip, "batch_size": batch_size})
-    io.write_text("reports/iterate.md", render_iterate_report(metrics))
+    detail = {**result.metrics(), "chip": chip, "batch_size": batch_size}
+    io.write_json("reports/iterate.json", detail)  # every round's record, the settings and the analysis
+    io.write_json(
+        "metrics/iterate.json",
+        {**io.headline(detail, METRIC_KEYS), "rolled_back": int(result.decision == "rolled_back")},
+    )
+    io.write_json("reports/perf/iterate.json", {**result.perf, "chip": chip, "batch_size": batch_size})
+    io.write_text("reports/iterate.md", render_iterate_report(detail))
     with live_logger("dvclive/iterate", fresh=True) as logger:  # curves of this run only
         log_rounds(logger, result.rounds)
     shutil.rmtree(WORK, ignore_errors=True)  # artifacts are written: nothing left to resume
     click.echo(
-        f"iterate: {result.decision}; selected round {result.selected_round} (KL {metrics['selected_kl']}, "
-        f"held-out gap {metrics['selected_heldout_gap']}); {metrics['n_rounds_run']} round(s) run"
+        f"iterate: {result.decision}; selected round {result.selected_round} (KL {detail['selected_kl']}, "
+        f"held-out gap {detail['selected_heldout_gap']}); {detail['n_rounds_run']} round(s) run"
     )
 
 

@@ -26,7 +26,7 @@ def judge_for(p: Params, stage: str, batch_size: int) -> tuple[judges.Judge, str
             reward_model_path = p.judges.reward_model
         else:
             reward_model_path = STAGE4_REWARD_MODEL
-            accuracy = io.read_json(STAGE4_METRICS).get("val_accuracy") if STAGE4_METRICS.is_file() else None
+            accuracy = io.read_json(STAGE4_METRICS).get("rm_accuracy") if STAGE4_METRICS.is_file() else None
             described = "reward_model (Stage 4" + (
                 f", held-out accuracy {accuracy:.3f})" if accuracy is not None else ")"
             )

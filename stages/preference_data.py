@@ -26,9 +26,11 @@ OUT = preference.PreferenceOutputs(
     heldout_pairs=Path("data/heldout_pairs.parquet"),
     quarantine=Path("data/quarantine.jsonl"),
     report=Path("reports/preference_data.md"),
+    detail=Path("reports/preference_data.json"),
     metrics=Path("metrics/preference_data.json"),
-    perf=Path("metrics/perf/preference_data.json"),
+    perf=Path("reports/perf/preference_data.json"),
 )
+METRIC_KEYS = ("n_pairs", "avg_gap", "decontamination", "heldout_pairs", "n_quarantined", "judge_position_bias_rate")
 
 
 @click.command()
@@ -58,7 +60,11 @@ def main(params_path: str) -> None:
         log=click.echo,
     )
     m = preference.write_outputs(
-        result, OUT, perf_extra={"chip": chip, "batch_size": batch_size}, judge_info=preference.judge_info(judge)
+        result,
+        OUT,
+        metric_keys=METRIC_KEYS,
+        perf_extra={"chip": chip, "batch_size": batch_size},
+        judge_info=preference.judge_info(judge),
     )
     click.echo(
         f"preference data: {m['n_pairs']} pairs (avg gap {m['avg_gap']:.3f}, decontamination "

@@ -18,6 +18,8 @@ from dpoflow.runtime.params import load_params
 
 OUT = Path("data/tasks")
 METRICS = Path("metrics/prepare_data.json")
+DETAIL = Path("reports/prepare_data.json")  # every split and input file's row counts
+METRIC_KEYS = ("n_sft_train", "n_pref_prompts", "n_eval", "n_quarantined")
 
 
 @click.command()
@@ -35,7 +37,9 @@ def main(params_path: str) -> None:
         benchmark_tasks.write_local_tasks(
             tmp / "lm_eval", data.splits if p.data.source == "embedded" else {}, seed=p.seed
         )
-    io.write_json(METRICS, data.metrics())
+    counts = data.metrics()
+    io.write_json(DETAIL, counts)
+    io.write_json(METRICS, io.headline(counts, METRIC_KEYS))
     click.echo(
         ", ".join(f"{name}: {len(items)}" for name, items in data.splits.items())
         + f"; {len(data.quarantined)} rows quarantined -> {OUT / 'quarantine.jsonl'}"

@@ -1,7 +1,7 @@
 """Stage 4: preference modeling. Train a Bradley-Terry reward model (the SFT transformer + LoRA + a scalar head on
 the last token) on data/pairs.parquet, split 80/20 by prompt; report train/validation accuracy, the overfitting gap
 and (optionally) the pairs the model confidently contradicts. Writes models/reward, data/rm_contradictions.jsonl,
-metrics/reward_model.json (+ metrics/perf/reward_model.json) and dvclive/reward_model."""
+metrics/reward_model.json (numbers), reports/reward_model.json (detail), reports/perf/ and dvclive/reward_model."""
 
 import shutil
 from dataclasses import asdict
@@ -25,6 +25,12 @@ PAIRS = Path("data/pairs.parquet")
 OUT = Path("models/reward")
 CONTRADICTIONS = Path("data/rm_contradictions.jsonl")
 CHECKPOINT = Path("checkpoints/reward_model")  # resume point of a killed run (not a DVC output)
+METRIC_KEYS = {
+    "rm_accuracy": "val_accuracy",
+    "rm_train_accuracy": "train_accuracy",
+    "rm_overfit_gap": "overfit_gap",
+    "n_contradictions": "n_contradictions",
+}
 GATE_ONLY = ("min_val_accuracy", "max_overfit_gap")  # thresholds read by the gate stage, not by training
 
 
@@ -53,10 +59,10 @@ def main(params_path: str) -> None:
     contradictions = result.pop("contradictions")
     io.write_jsonl(CONTRADICTIONS, contradictions)  # empty when reward_model.contradiction_filter is null
     perf = result.pop("perf")
-    io.write_json(
-        "metrics/reward_model.json", {**result, "chip": chip, "batch_size": batch_size, "base_model_hash": base_hash}
-    )
-    io.write_json("metrics/perf/reward_model.json", perf)
+    detail = {**result, "chip": chip, "batch_size": batch_size, "base_model_hash": base_hash}
+    io.write_json("reports/reward_model.json", detail)
+    io.write_json("metrics/reward_model.json", io.headline(detail, METRIC_KEYS))
+    io.write_json("reports/perf/reward_model.json", perf)
     shutil.rmtree(CHECKPOINT, ignore_errors=True)  # artifacts are written: nothing left to resume
     flag = " OVERFITTING" if result["overfit"] else ""
     click.echo(

@@ -21,6 +21,7 @@ from live_logger import live_logger
 BASE = Path("models/base")
 SPLITS = Path("data/tasks")
 OUT = Path("models/sft")
+METRIC_KEYS = ("train_loss", "val_loss", "val_accuracy")  # and bench_<task> per benchmark
 CHECKPOINT = Path("checkpoints/sft")  # resume point of a killed run (not a DVC output)
 
 
@@ -63,17 +64,19 @@ def main(params_path: str) -> None:
         batch_size=p.benchmarks.batch_size,
     )
     perf = result.pop("perf")
+    detail = {
+        **result,
+        "chip": chip,
+        "batch_size": batch_size,
+        "benchmarks": {name: r["score"] for name, r in bench.items()},
+        "model_hash": loading.model_hash(OUT),
+    }
+    io.write_json("reports/sft.json", detail)  # Stage 7's baseline benchmark scores are read from here
     io.write_json(
         "metrics/sft.json",
-        {
-            **result,
-            "chip": chip,
-            "batch_size": batch_size,
-            "benchmarks": {name: r["score"] for name, r in bench.items()},
-            "model_hash": loading.model_hash(OUT),
-        },
+        {**io.headline(detail, METRIC_KEYS), **{f"bench_{name}": r["score"] for name, r in bench.items()}},
     )
-    io.write_json("metrics/perf/sft.json", perf)
+    io.write_json("reports/perf/sft.json", perf)
     shutil.rmtree(CHECKPOINT, ignore_errors=True)  # artifacts are written: nothing left to resume
     scores = ", ".join(f"{name} {r['score']:.3f}" for name, r in bench.items())
     accuracy = f", val_accuracy {result['val_accuracy']:.3f}" if "val_accuracy" in result else ""

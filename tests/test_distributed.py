@@ -281,10 +281,10 @@ def test_sft_stage_under_mlx_launch_matches_one_process_and_writes_once(tmp_path
         pytest.skip("mlx.launch is not installed (it comes with the mlx package)")
     project = make_project(tmp_path / "project", {"sft": {"steps": 8, "val_every": 4, "warmup_steps": 2}})
     run(project, "dvc", "repro", "sft")
-    single = json.loads((project / "metrics" / "sft.json").read_text())
+    single = json.loads((project / "reports" / "sft.json").read_text())
     curve = project / "dvclive" / "sft" / "plots" / "metrics" / "train" / "loss.tsv"
     single_curve = curve.read_text().splitlines()
-    for out in ("models/sft", "metrics/sft.json", "metrics/perf/sft.json", "dvclive/sft"):
+    for out in ("models/sft", "metrics/sft.json", "reports/sft.json", "reports/perf/sft.json", "dvclive/sft"):
         shutil.rmtree(project / out) if (project / out).is_dir() else (project / out).unlink()
 
     launch = [
@@ -303,7 +303,7 @@ def test_sft_stage_under_mlx_launch_matches_one_process_and_writes_once(tmp_path
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Traceback" not in output, output[-6000:]
     assert output.count("SFT: val_loss") == 1  # the stage's summary line: rank 0 only
-    ranks = json.loads((project / "metrics" / "sft.json").read_text())
+    ranks = json.loads((project / "reports" / "sft.json").read_text())
     assert ranks.keys() == single.keys() and ranks["benchmarks"].keys() == single["benchmarks"].keys()
     for key in ("val_loss", "train_loss"):
         assert ranks[key] == pytest.approx(single[key], rel=1e-4), key

@@ -75,7 +75,7 @@ def test_win_rate_ties_count_half_and_known_interval():
 
 def test_alignment_improved_only_when_the_interval_clears_one_half():
     p = params()
-    base = {"retention": 100.0, "kl": 0.01, "heldout_gap": 0.3, "contaminated_pairs": 0}
+    base = {"retention": 100.0, "final_kl": 0.01, "final_heldout_gap": 0.3, "contaminated_pairs": 0}
     clear = win_rate([1.0] * 70 + [0.0] * 30, 2000)
     unclear = win_rate([1.0] * 11 + [0.0] * 9, 2000)  # 0.55 but the interval includes 0.5
     assert deploy_decision({**base, "win_rate_ci_low": clear["ci_low"]}, p)["deploy"] is True
@@ -299,6 +299,8 @@ def project(tmp_path, final_benchmarks, win=(0.62, 0.55, 0.69)):
             },
             "kl": 0.07,
             "heldout_gap": 0.35,
+            "final_kl": 0.07,  # the gate's names (metrics/evaluate.json) beside the detail's
+            "final_heldout_gap": 0.35,
             "contaminated_pairs": 0,
             "selected_round": 2,
             "contamination": {"n_pairs_checked": 1200, "first": []},

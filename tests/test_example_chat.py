@@ -86,7 +86,7 @@ def test_every_stage_reads_the_users_data(project):
     tasks_dir = project / "data" / "tasks"
     read = lambda name: [json.loads(x) for x in (tasks_dir / f"{name}.jsonl").read_text().splitlines()]  # noqa: E731
     assert {r["id"] for r in read("sft_train") + read("sft_val")} <= {r["id"] for r in sft.rows}
-    counts = json.loads((project / "metrics" / "prepare_data.json").read_text())
+    counts = json.loads((project / "reports" / "prepare_data.json").read_text())
     quarantine = [json.loads(x) for x in (tasks_dir / "quarantine.jsonl").read_text().splitlines()]
     assert counts["sft_rows_in"] == len(sft.rows)  # every row of the user's file is accounted for
     assert len(read("sft_train")) + len(read("sft_val")) + counts["sft_rows_quarantined"] == len(sft.rows)
@@ -101,13 +101,13 @@ def test_every_stage_reads_the_users_data(project):
     hh = load_pairs(inputs / "labels" / "preferences_hh.jsonl", fmt="hh").pairs
     assert pairs and {p["chosen"] for p in pairs} <= {p["chosen"] for p in hh}
     # Stage 6 sampled the user's round prompts; Stage 7 judged with the Stage 4 reward model
-    rounds = json.loads((project / "metrics" / "iterate.json").read_text())
+    rounds = json.loads((project / "reports" / "iterate.json").read_text())
     assert rounds["n_rounds_run"] >= 1
     round_pairs = load_pairs(project / "data" / "rounds" / "round_1.parquet", fmt="canonical").pairs
     round_prompts = {m["content"] for r in read("rounds") for m in r["prompt"]}
     assert all(p["prompt"][-1]["content"] in round_prompts for p in round_pairs)
     assert all(p["source"] == "reward_model" for p in round_pairs)
-    ev = json.loads((project / "metrics" / "evaluate.json").read_text())
+    ev = json.loads((project / "reports" / "evaluate.json").read_text())
     assert ev["win_rate_detail"]["judge"].startswith("reward_model (Stage 4, held-out accuracy")
     assert ev["win_rate_detail"]["n"] == min(12, len(evals.rows))
     report = (project / "reports" / "report.md").read_text()
@@ -115,9 +115,9 @@ def test_every_stage_reads_the_users_data(project):
     assert "imported from examples/chat/inputs/labels/preferences_hh.jsonl (hh)" in report
     assert re.search(r"Stage 7 win rate judged by reward_model \(Stage 4", report)
     # no arithmetic anywhere: Stage 1 gated on loss alone, benchmarks are the general ones
-    gate = json.loads((project / "metrics" / "gates" / "sft.json").read_text())
+    gate = json.loads((project / "reports" / "gates" / "sft.json").read_text())
     assert [c["metric"] for c in gate["checks"]] == ["val_loss"]
-    assert set(json.loads((project / "metrics" / "sft.json").read_text())["benchmarks"]) == {"dpoflow_text_cloze"}
+    assert set(json.loads((project / "reports" / "sft.json").read_text())["benchmarks"]) == {"dpoflow_text_cloze"}
 
 
 def test_editing_a_users_file_reruns_exactly_its_readers(project):

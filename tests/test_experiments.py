@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -70,18 +71,23 @@ def exp_rows(project: Path) -> list[dict]:
 
 
 def gate_columns(project: Path) -> list[tuple[str, str, str]]:
-    """(label, metrics file, key) of every gate's verdict and of every metric the gate checks (read from the
-    committed metrics/gates/<stage>.json: dvc exp show drops its `checks` list, so the values come from the
-    stage's own metrics file)."""
+    """(label, metrics file, key) of every metric a gate checks (the checks recorded in reports/gates/<stage>.json;
+    the values come from the stage's own metrics file, as `dvc exp show` prints them)."""
     columns = []
     for stage in stages_in(project / "dvc.yaml"):
         if not stage.startswith("gate_"):
             continue
         gated = stage.removeprefix("gate_")
-        checks = json.loads((project / "metrics" / "gates" / f"{gated}.json").read_text())["checks"]
-        columns.append((f"{stage}.passed", f"metrics/gates/{gated}.json", "passed"))
+        checks = json.loads((project / "reports" / "gates" / f"{gated}.json").read_text())["checks"]
         columns += [(f"{gated}.{c['metric']}", f"metrics/{gated}.json", c["metric"]) for c in checks]
     return columns
+
+
+def readme_exp_show() -> list[str]:
+    """The README's `dvc exp show` command (the one with --keep), as argv."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(x.strip() for x in readme.splitlines() if x.strip().startswith("dvc exp show") and "--keep" in x)
+    return shlex.split(line.split("#")[0])
 
 
 def wait_for_queue(project: Path, names: list[str]) -> dict[str, str]:
@@ -163,6 +169,16 @@ def test_queued_sweep_runs_and_exp_show_lists_gate_metrics_side_by_side(exp_proj
         assert not missing, f"{name}: gate metrics missing from `dvc exp show --json`: {missing}"
         table.append((name, lookup(row["params"], key), cells))
     assert {n for n, _, _ in table} >= set(names)
+
+    # The README's table: every experiment, one metric of every gate by name, within 120 columns.
+    shown = sh(exp_project, *readme_exp_show(), env={"COLUMNS": "120"}).stdout
+    lines = shown.splitlines()
+    assert max(map(len, lines)) <= 120 and "…" not in shown, shown
+    assert all(name in shown for name in names), shown
+    header = next(x for x in lines if "Experiment" in x).split()
+    gated = {label.split(".")[0] for label, _, _ in columns}
+    named = {label.split(".")[0] for label, _, key in columns if key in header}
+    assert named == gated, f"gates without a column: {sorted(gated - named)}\n{shown}"
     print(f"\nqueued sweep of {len(names)} experiments: {seconds:.1f} s with 1 worker")
     for name, value, cells in table:
         print(

@@ -37,8 +37,8 @@ from dpoflow.runtime import io
 from dpoflow.training.trainer import TrainConfig, TrainingDiverged, train
 from tests.pipeline_project import env_for, make_project, run
 
-ARTIFACT_DIRS = ("models", "metrics", "data", "checkpoints", "dvclive", "gates")
-ATOMIC_DIRS = ("models", "metrics", "data", "checkpoints", "gates")  # written through dpoflow.runtime.io
+ARTIFACT_DIRS = ("models", "metrics", "reports", "data", "checkpoints", "dvclive", "gates")
+ATOMIC_DIRS = ("models", "metrics", "reports", "data", "checkpoints", "gates")  # written through dpoflow.runtime.io
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -117,17 +117,17 @@ def test_sigkill_during_sft_then_repro_resumes_and_matches_an_uninterrupted_run(
 
     resumed = run(project, "dvc", "repro", "sft")
     assert "Running stage 'sft'" in resumed.stdout
-    assert json.loads((project / "metrics" / "perf" / "sft.json").read_text())["resumed_from_step"] == checkpoint_step
+    assert json.loads((project / "reports" / "perf" / "sft.json").read_text())["resumed_from_step"] == checkpoint_step
     assert not (project / "checkpoints" / "sft").exists()  # cleared once the artifacts are written
     assert_artifacts_whole(project)
     assert leftovers(project) == []
-    interrupted = (project / "metrics" / "sft.json").read_text()
+    interrupted = (project / "reports" / "sft.json").read_text()
     interrupted_model = tree_digest(project / "models" / "sft")
     interrupted_curve = loss_curve(project)
 
     run(project, "dvc", "repro", "--force", "--single-item", "sft")  # the uninterrupted reference, same project
-    assert json.loads((project / "metrics" / "perf" / "sft.json").read_text())["resumed_from_step"] == 0
-    assert (project / "metrics" / "sft.json").read_text() == interrupted
+    assert json.loads((project / "reports" / "perf" / "sft.json").read_text())["resumed_from_step"] == 0
+    assert (project / "reports" / "sft.json").read_text() == interrupted
     assert tree_digest(project / "models" / "sft") == interrupted_model
     assert loss_curve(project) == interrupted_curve and len(interrupted_curve) == 60
     assert "up to date" in run(project, "dvc", "status", "sft").stdout

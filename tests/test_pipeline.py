@@ -35,10 +35,10 @@ def test_repro_runs_every_stage_and_every_gate_passes(pipeline):
     gates = [s.removeprefix("gate_") for s in stages_in(pipeline / "dvc.yaml") if s.startswith("gate_")]
     assert gates, "the pipeline declares no gate"
     for gate in gates:
-        result = json.loads((pipeline / "metrics" / "gates" / f"{gate}.json").read_text())
+        result = json.loads((pipeline / "reports" / "gates" / f"{gate}.json").read_text())
         assert result["passed"], result
         assert (pipeline / "gates" / f"{gate}.passed").exists()
-    sft = json.loads((pipeline / "metrics" / "sft.json").read_text())
+    sft = json.loads((pipeline / "reports" / "sft.json").read_text())
     assert set(sft["benchmarks"]) == {"dpoflow_task_gen", "dpoflow_task_mc"}
     assert sft["chip"] == "cpu" and sft["batch_size"] == 8
 

@@ -97,8 +97,9 @@ def _outputs(root):
         heldout_pairs=root / "data/heldout_pairs.parquet",
         quarantine=root / "data/quarantine.jsonl",
         report=root / "reports/preference_data.md",
+        detail=root / "reports/preference_data.json",
         metrics=root / "metrics/preference_data.json",
-        perf=root / "metrics/perf/preference_data.json",
+        perf=root / "reports/perf/preference_data.json",
     )
 
 
@@ -389,8 +390,9 @@ def test_outputs_heldout_pairs_and_quarantine_reasons(tiny, splits, tmp_path):
     eval_texts = {"eval": [items[target]["question"]]}
     result = _build(tiny, _config(), FirstWinsJudge(), items, heldout, eval_texts)
     paths = _outputs(tmp_path)
-    write_outputs(result, paths, {})
-    m = json.loads(paths.metrics.read_text())
+    write_outputs(result, paths, metric_keys=("n_pairs", "avg_gap", "decontamination"), perf_extra={})
+    assert json.loads(paths.metrics.read_text()) == {"n_pairs": 4, "avg_gap": 1.0, "decontamination": 0.8}
+    m = json.loads(paths.detail.read_text())
     assert m["n_pairs"] == 4 and m["n_contaminated"] == 1 and m["decontamination"] == pytest.approx(0.8)
     assert m["heldout_pairs"] == 3 and m["heldout_prompts"] == 3
     assert len(read_pairs(paths.pairs)) == 4 and len(read_pairs(paths.pairs_jsonl)) == 4
@@ -410,7 +412,7 @@ def test_outputs_heldout_pairs_and_quarantine_reasons(tiny, splits, tmp_path):
 
     # Over-long pairs (prompt ids + response ids + eos > max_seq_len) are quarantined with their reason.
     short = _build(tiny, _config(max_seq_len=40, max_extra_passes=0), FirstWinsJudge(), items, heldout)
-    write_outputs(short, _outputs(tmp_path), {})
+    write_outputs(short, _outputs(tmp_path), metric_keys=(), perf_extra={})
     rows = [json.loads(line) for line in paths.quarantine.read_text().splitlines()]
     assert len(rows) == 5 + 3 and all(r["reason"].startswith("over-long") for r in rows)
     assert {r["location"].rsplit(":", 1)[0] for r in rows} == {
@@ -472,7 +474,7 @@ def test_import_judge_trl_file(tiny, tmp_path):
     assert all(p["source"].startswith(f"import:{path}:") for p in result.pairs)
     assert all(p["score_chosen"] is None for p in result.pairs) and m["avg_gap"] == 1.0  # label-only
     paths = _outputs(tmp_path / "out")
-    write_outputs(result, paths, {})
+    write_outputs(result, paths, metric_keys=(), perf_extra={})
     assert len(read_pairs(paths.pairs)) == m["n_pairs"]
     assert len(read_pairs(paths.heldout_pairs)) == m["heldout_pairs"]
     located = [json.loads(line)["location"] for line in paths.quarantine.read_text().splitlines()]

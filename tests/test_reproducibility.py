@@ -1,8 +1,9 @@
 """Same params + same seed => byte-identical quality metrics; another seed => different ones.
 
-Convention (docs/architecture.md): quality metrics go to metrics/<stage>.json (and the gate verdicts to
-metrics/gates/<stage>.json) and must be deterministic; timings, throughput and memory go to metrics/perf/, which is
-excluded here by design. Two extra runs on top of the session's pipeline:
+Convention (docs/architecture.md): the numbers a person compares go to metrics/<stage>.json (flat: numbers only),
+their detail to reports/<stage>.json and the gate verdicts to reports/gates/<stage>.json; all must be deterministic.
+Timings, throughput and memory go to reports/perf/, which is excluded here by design. Two extra runs on top of the
+session's pipeline:
   - a fresh checkout of the session pipeline's commit (same code, params, seed; no cache, no outputs), the full
     `dvc repro`: every metrics file must match the session pipeline's committed ones byte for byte (a mismatch
     names the stage and the keys that differ);
@@ -33,18 +34,25 @@ TIMING_KEY = re.compile(
 )
 
 
+RESULT_FOLDERS = ("metrics", "reports")
+
+
 def quality_metrics(files: dict[str, bytes]) -> dict[str, bytes]:
-    return {path: data for path, data in files.items() if not path.startswith("metrics/perf/")}
+    return {path: data for path, data in files.items() if not path.startswith("reports/perf/")}
 
 
 def workspace_metrics(project: Path) -> dict[str, bytes]:
     return quality_metrics(
-        {str(p.relative_to(project)): p.read_bytes() for p in sorted((project / "metrics").rglob("*.json"))}
+        {
+            str(p.relative_to(project)): p.read_bytes()
+            for folder in RESULT_FOLDERS
+            for p in sorted((project / folder).rglob("*.json"))
+        }
     )
 
 
 def committed_metrics(project: Path) -> dict[str, bytes]:
-    names = sh(project, "git", "ls-tree", "-r", "--name-only", "HEAD", "metrics").stdout.split()
+    names = sh(project, "git", "ls-tree", "-r", "--name-only", "HEAD", *RESULT_FOLDERS).stdout.split()
     return quality_metrics(
         {
             n: subprocess.run(["git", "show", f"HEAD:{n}"], cwd=project, check=True, capture_output=True).stdout
@@ -84,21 +92,31 @@ def reference(pipeline) -> dict[str, bytes]:
     return metrics
 
 
+def test_metrics_files_are_flat_numbers(reference):
+    """What `dvc metrics show` / `diff` / `exp show` print: a few flat numbers per stage, no prose, lists or nesting
+    (those live in reports/<stage>.json)."""
+    for path, data in reference.items():
+        if path.startswith("metrics/"):
+            values = json.loads(data)
+            bad = {k: v for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+            assert not bad and len(values) <= 12, f"{path}: {len(values)} keys; not flat numbers: {bad}"
+
+
 def test_timings_stay_out_of_quality_metrics(reference):
-    """metrics/<stage>.json holds no timing/throughput/memory key (those belong in metrics/perf/<stage>.json)."""
+    """No timing/throughput/memory key outside reports/perf/<stage>.json."""
     offenders = {
         path: [k for k in flat(json.loads(data)) if TIMING_KEY.search(k.rsplit(".", 1)[-1])]
         for path, data in reference.items()
     }
     offenders = {path: keys for path, keys in offenders.items() if keys}
-    assert not offenders, f"timing-like keys outside metrics/perf/: {offenders}"
+    assert not offenders, f"timing-like keys outside reports/perf/: {offenders}"
 
 
 def fresh_checkout(pipeline: Path, dst: Path, overrides: dict | None = None) -> Path:
     """The session pipeline's committed sources and params (the same code even if the repo changes meanwhile),
     with no outputs, no cache, no run-cache, and none of the committed metrics/gates/plots: everything reruns."""
     project = clone_project(pipeline, dst, with_outputs=False)
-    for generated in ("metrics", "gates", "dvclive"):
+    for generated in ("metrics", "reports", "gates", "dvclive"):
         shutil.rmtree(project / generated, ignore_errors=True)
     if overrides:
         write_params(project, overrides)
@@ -113,7 +131,7 @@ def test_same_seed_gives_identical_metrics(pipeline, reference, tmp_path):
     assert set(again) == set(reference), describe_differences(reference, again)
     assert again == reference, (
         "same params and seed, different quality metrics (a nondeterministic stage, or a "
-        f"timing outside metrics/perf/):\n{describe_differences(reference, again)}\n"
+        f"timing outside reports/perf/):\n{describe_differences(reference, again)}\n"
         f"stages: {stages}"
     )
 

@@ -132,7 +132,9 @@ def test_learns_planted_preference(trained):
     assert [e["step"] for e in m["epoch_evals"]] == [16, 32, 48]
     assert m["epoch_evals"][-1]["val_accuracy"] == m["val_accuracy"]
     assert len(m["contradictions"]) == m["n_contradictions"]
-    assert evaluate_gate("reward_model", m, Params()).passed
+    assert evaluate_gate(
+        "reward_model", {"rm_accuracy": m["val_accuracy"], "rm_overfit_gap": m["overfit_gap"]}, Params()
+    ).passed
 
 
 def test_training_is_deterministic(tiny_model_dir):
@@ -341,33 +343,33 @@ def test_stale_base_hash_detected(trained, tiny_model_dir, tmp_path):
 
 
 def test_gate_fails_with_prescription_on_low_accuracy():
-    result = evaluate_gate("reward_model", {"val_accuracy": 0.55, "overfit_gap": 0.30}, Params())
+    result = evaluate_gate("reward_model", {"rm_accuracy": 0.55, "rm_overfit_gap": 0.30}, Params())
     assert not result.passed
     report = result.report()
     assert "validation accuracy 0.55 < 0.7" in report
     assert "improve the data" in report and "more capacity" in report
     assert "overfitting" in report
-    assert evaluate_gate("reward_model", {"val_accuracy": 0.75, "overfit_gap": 0.05}, Params()).passed
+    assert evaluate_gate("reward_model", {"rm_accuracy": 0.75, "rm_overfit_gap": 0.05}, Params()).passed
 
 
 def test_overfitting_is_flagged_not_blocking():
     # Issue 4: the gate is validation accuracy; the train-validation gap is flagged.
-    flagged = evaluate_gate("reward_model", {"val_accuracy": 0.75, "overfit_gap": 0.30}, Params())
+    flagged = evaluate_gate("reward_model", {"rm_accuracy": 0.75, "rm_overfit_gap": 0.30}, Params())
     assert flagged.passed
-    assert [w.check.metric for w in flagged.warnings] == ["overfit_gap"]
+    assert [w.check.metric for w in flagged.warnings] == ["rm_overfit_gap"]
     assert "gate reward_model: PASSED (1 warning)" in flagged.report()
     assert "WARNING (flag, not blocking): overfitting" in flagged.report()
-    assert flagged.to_dict()["warnings"] == ["overfit_gap"]
-    assert evaluate_gate("reward_model", {"val_accuracy": 0.75, "overfit_gap": 0.05}, Params()).warnings == []
-    missing = evaluate_gate("reward_model", {"val_accuracy": 0.75}, Params())
-    assert missing.passed and "metric `overfit_gap` missing" in missing.report()
+    assert flagged.to_dict()["warnings"] == ["rm_overfit_gap"]
+    assert evaluate_gate("reward_model", {"rm_accuracy": 0.75, "rm_overfit_gap": 0.05}, Params()).warnings == []
+    missing = evaluate_gate("reward_model", {"rm_accuracy": 0.75}, Params())
+    assert missing.passed and "metric `rm_overfit_gap` missing" in missing.report()
 
 
 # -------------------------------------------------------------------------------------------------------- stage
 
 
 def test_stage_writes_artifacts(tiny_model_dir, tmp_path):
-    """stages/reward_model.py on a tiny project: model folder, contradictions, flat metrics, perf, curves."""
+    """stages/reward_model.py on a tiny project: model folder, contradictions, flat metrics, detail, perf, curves."""
     shutil.copytree(tiny_model_dir, tmp_path / "models" / "sft")
     write_pairs(planted_pairs(n_prompts=20, per_prompt=2), tmp_path / "data" / "pairs.parquet")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -385,19 +387,12 @@ def test_stage_writes_artifacts(tiny_model_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics" / "reward_model.json").read_text())
-    for key in (
-        "val_accuracy",
-        "overfit_gap",
-        "train_accuracy",
-        "val_margin_mean",
-        "n_train",
-        "n_val",
-        "overfit",
-        "n_contradictions",
-    ):
-        assert key in metrics, key
-    assert "perf" not in metrics
-    assert "tokens_per_sec" in json.loads((tmp_path / "metrics" / "perf" / "reward_model.json").read_text())
+    assert set(metrics) == {"rm_accuracy", "rm_train_accuracy", "rm_overfit_gap", "n_contradictions"}
+    detail = json.loads((tmp_path / "reports" / "reward_model.json").read_text())
+    for key in ("val_accuracy", "overfit_gap", "train_accuracy", "val_margin_mean", "n_train", "n_val", "overfit"):
+        assert key in detail, key
+    assert metrics["rm_accuracy"] == detail["val_accuracy"] and "perf" not in detail
+    assert "tokens_per_sec" in json.loads((tmp_path / "reports" / "perf" / "reward_model.json").read_text())
     lines = (tmp_path / "data" / "rm_contradictions.jsonl").read_text().splitlines()
     assert len(lines) == metrics["n_contradictions"]
     assert (tmp_path / "dvclive" / "reward_model" / "plots" / "metrics").is_dir()

@@ -30,7 +30,7 @@ Flow (documented for users in docs/preference-data-generation.md, "Generation an
    and validated without decontamination (they ARE evaluation data; they are never trained on).
 
 Quality metrics (`PreferenceResult.metrics()`) are deterministic for the same inputs and seed; timings and
-throughput live in `PreferenceResult.perf` (-> metrics/perf/preference_data.json).
+throughput live in `PreferenceResult.perf` (-> reports/perf/preference_data.json).
 """
 
 from __future__ import annotations

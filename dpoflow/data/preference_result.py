@@ -36,7 +36,7 @@ class PassRecord:
 
 @dataclass
 class PreferenceResult:
-    """What collect_pairs produced; `metrics()` for metrics/preference_data.json, `perf` for perf/."""
+    """What collect_pairs produced; `metrics()`: every statistic (the stage report), `perf`: timings."""
 
     judge: str
     pairing: str

@@ -122,7 +122,7 @@ def gate_checks(stage: str, p: Params) -> list[Check]:
         ],
         "reward_model": [
             Check(
-                "val_accuracy",
+                "rm_accuracy",
                 "reward model validation accuracy",
                 ">=",
                 p.reward_model.min_val_accuracy,
@@ -131,7 +131,7 @@ def gate_checks(stage: str, p: Params) -> list[Check]:
                 "(reward_model.lora_rank/lora_layers, epochs)",
             ),
             Check(
-                "overfit_gap",
+                "rm_overfit_gap",
                 "reward model train-val accuracy gap",
                 "<=",
                 p.reward_model.max_overfit_gap,
@@ -196,7 +196,7 @@ def gate_checks(stage: str, p: Params) -> list[Check]:
                 "no clear alignment improvement: more or better preference data, more rounds",
             ),
             Check(
-                "kl",
+                "final_kl",
                 "final KL(policy||reference)",
                 "<=",
                 p.evaluate.max_kl,
@@ -204,7 +204,7 @@ def gate_checks(stage: str, p: Params) -> list[Check]:
                 "use a smaller dpo.learning_rate or a larger dpo.beta",
             ),
             Check(
-                "heldout_gap",
+                "final_heldout_gap",
                 "final held-out preference gap",
                 ">=",
                 p.evaluate.min_heldout_gap,

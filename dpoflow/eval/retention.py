@@ -47,7 +47,7 @@ def retention(final: Mapping[str, float | None], baseline: Mapping[str, float | 
         per[name] = 100.0 * value / base
         counted.append(name)
     for name in sorted(set(final) - set(baseline)):
-        notes.append(f"{name}: not in the baseline (metrics/sft.json): not counted")
+        notes.append(f"{name}: not in the baseline (Stage 1): not counted")
     if counted:
         overall: float | None = float(np.mean([per[n] for n in counted]))
     elif gains:

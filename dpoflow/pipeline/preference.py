@@ -27,7 +27,8 @@ class PreferenceOutputs:
     heldout_pairs: Path
     quarantine: Path
     report: Path
-    metrics: Path
+    detail: Path  # every statistic (JSON), beside the Markdown report
+    metrics: Path  # the few numbers a person compares (`metric_keys` of the detail)
     perf: Path
 
 
@@ -72,15 +73,18 @@ def judge_info(judge: Judge) -> dict:
 def write_outputs(
     result: PreferenceResult,
     out: PreferenceOutputs,
+    *,
+    metric_keys: Sequence[str],
     perf_extra: Mapping[str, Any],
     judge_info: Mapping[str, Any] | None = None,
 ) -> dict:
-    """Write every Stage 2 artifact atomically; returns the metrics."""
+    """Write every Stage 2 artifact atomically; returns the detail (every statistic)."""
     write_pairs(result.pairs, out.pairs, out.pairs_jsonl)
     write_pairs(result.heldout_pairs, out.heldout_pairs)
     write_quarantine(result.all_quarantined, out.quarantine)
     metrics = {**result.metrics(), **{k: v for k, v in (judge_info or {}).items() if k.startswith("judge_")}}
     io.write_text(out.report, render_preference_report(result, metrics, quarantine_file=str(out.quarantine)))
-    io.write_json(out.metrics, metrics)
+    io.write_json(out.detail, metrics)
+    io.write_json(out.metrics, io.headline(metrics, metric_keys))
     io.write_json(out.perf, {**result.perf, **dict(perf_extra)})
     return metrics

@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -142,3 +142,26 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def headline(detail: Mapping[str, Any], keys: Iterable[str] | Mapping[str, str]) -> dict[str, int | float]:
+    """The flat numbers a person compares (a stage's metrics file), picked from the stage's `detail`: `keys` names
+    them by their dotted path in `detail` (`train.loss` is stored as `train_loss`), or maps metric name -> dotted
+    path where a name must differ from the detail's (names are unique across the metrics files, so `dvc exp show`
+    can print them bare). Booleans become 0/1; a value the run did not produce is left out; anything that is not a
+    number (prose, lists, hashes) is refused: it belongs in the report."""
+    named = keys.items() if isinstance(keys, Mapping) else ((key.replace(".", "_"), key) for key in keys)
+    out: dict[str, int | float] = {}
+    for name, dotted in named:
+        value: Any = detail
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        value = json_safe(value)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = int(value)
+        if not isinstance(value, (int, float)):
+            raise TypeError(f"metric {name!r} is {type(value).__name__}, not a number: keep it in the report")
+        out[name] = value
+    return out

@@ -175,7 +175,7 @@ def train_reward_model(
 
     steps = ceil(n_train / batch_size) * epochs (length-grouped batches, reshuffled each epoch); validation at the
     end of every epoch; `on_step` is passed to trainer.train (tests use it to simulate a killed run). Returns the
-    flat metrics of metrics/reward_model.json plus "perf" (timings) and "contradictions" (rows for
+    stage's statistics plus "perf" (timings) and "contradictions" (rows for
     data/rm_contradictions.jsonl; empty when contradiction_filter is None).
     """
     learning_rate, epochs, val_fraction = params.learning_rate, params.epochs, params.val_fraction
