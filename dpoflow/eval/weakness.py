@@ -28,9 +28,10 @@ sum to 1. With floor f and C categories the smallest share is at least f / (C (1
 **Draw** (`draw_targeted`): n prompts without replacement from the rows not excluded. Allocation: largest remainder
 of n * w_c (ties by name) over the categories that still have rows; a category that runs out keeps all it has and its
 shortfall is re-allocated the same way among the rest, until n rows or no rows are left. Categories in the rows but
-not in the weights are given the mean of the given weights (unmeasured: neither weak nor strong); all-zero weights
-fall back to equal ones. Within a category the rows are a seeded sample (random.Random seeded by seed and category).
-Returned: positions into `rows`, ascending (the rows' own order), the same for the same inputs.
+not in the weights are given the mean weight of the measured categories present (unmeasured: neither weak nor
+strong); all-zero weights fall back to equal ones. Within a category the rows are a seeded sample (random.Random
+seeded by seed and category). Returned: positions into `rows`, ascending (the rows' own order), the same for the
+same inputs.
 """
 
 from __future__ import annotations
@@ -315,7 +316,7 @@ class TargetedPrompts:
     seed: int = 0
     drawn: dict[int, list[int]] = field(default_factory=dict)
     history: dict[int, dict] = field(default_factory=dict)
-    _breakdowns: dict[int, Mapping[str, Any] | None] = field(default_factory=dict, repr=False)
+    _breakdowns: dict[int, Mapping[str, Any] | None] = field(default_factory=dict, init=False, repr=False)
 
     def breakdown(self, k: int, chain: Any) -> Mapping[str, Any] | None:
         if k not in self._breakdowns:
