@@ -260,7 +260,7 @@ def _look_at(held: Mapping[str, Any], deploy_path: Path | None) -> str:
 
 def _rollback_note(deploy_path: Path | None) -> str:
     rb = (_read_json(deploy_path) or {}).get("rollback") if deploy_path else None
-    return f" deploy.json: {rb['prescription']}" if rb and rb.get("prescription") else ""
+    return f" deploy.json: {rb['prescription'].rstrip('.')}." if rb and rb.get("prescription") else ""
 
 
 def autopilot(
