@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HOME := $(CURDIR)/.cache/huggingface
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-all doctor bench
+.PHONY: setup run test test-all doctor bench autopilot
 
 # Virtual environment with the pinned dependencies; rebuilt only when the pins change.
 setup: $(VENV)/.installed
@@ -31,6 +31,13 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 run: setup
 	$(PY) -m dpoflow setup-blas
 	@if [ -z "$$($(PY) -m dpoflow hub-inputs)" ]; then export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1; fi; dvc repro
+
+# Rollback and retry as DVC experiments: up to BUDGET named tries (`python -m dpoflow autopilot`, SKILL.md).
+BUDGET ?= 3
+autopilot: setup
+	$(PY) -m dpoflow setup-blas
+	@if [ -z "$$($(PY) -m dpoflow hub-inputs)" ]; then export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1; fi; \
+	  $(PY) -m dpoflow autopilot --budget $(BUDGET)
 
 test: setup
 	$(PY) -m dpoflow setup-blas

@@ -1,12 +1,14 @@
-"""`python -m dpoflow doctor | setup-blas | tune-batch | hub-inputs`."""
+"""`python -m dpoflow doctor | setup-blas | tune-batch | hub-inputs | autopilot`."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
-from dpoflow.runtime import device
+from dpoflow.pipeline.autopilot import autopilot, dvc_runner
+from dpoflow.runtime import device, io
 from dpoflow.runtime.params import hub_params, load_params
 from dpoflow.training.tune import tune_batch
 
@@ -88,6 +90,48 @@ def tune_batch_cmd(
     )
     click.echo(f"best: batch {best.batch_size} ({best.pairs_per_sec:.2f} pairs/s, peak {best.peak_memory_gb:.2f} GB)")
     click.echo(f"params.yaml:\nbatch_size:\n  {chip}: {best.batch_size}")
+
+
+# Where the gates write their verdicts (the integrator is moving them from metrics/gates to reports/gates: the new
+# folder is read when it holds a verdict, else the old one) and Stage 7's deploy decision.
+GATES_DIR = "reports/gates"
+OLD_GATES_DIR = "metrics/gates"
+DEPLOY = "reports/deploy.json"
+
+
+@cli.command("autopilot")
+@click.option("--budget", default=3, show_default=True, type=click.IntRange(min=1), help="tries at most")
+@click.option("--prefix", default="autopilot", show_default=True, help="experiments are named <prefix>-<n>")
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--gates-dir", default=GATES_DIR, show_default=True, help="the gates' <stage>.json verdicts")
+@click.option("--fallback-gates-dir", default=OLD_GATES_DIR, show_default=True, help="read when --gates-dir has none")
+@click.option("--deploy", "deploy_path", default=DEPLOY, show_default=True, help="Stage 7's deploy decision")
+@click.option("--json", "json_path", default=None, help="also write the result, every try included, to this file")
+def autopilot_cmd(
+    budget: int,
+    prefix: str,
+    params_path: str,
+    gates_dir: str,
+    fallback_gates_dir: str,
+    deploy_path: str,
+    json_path: str | None,
+) -> None:
+    """Run the pipeline as DVC experiments: on a failed gate, apply the workflow's prescription (the rule table in
+    dpoflow/pipeline/autopilot.py) as the next `dvc exp run -n <prefix>-<n> -S ...`, up to --budget tries; apply
+    the first try that passes every gate (`dvc exp apply`). Exit 0 when one passed, 1 otherwise."""
+    result = autopilot(
+        budget,
+        runner=dvc_runner(echo=click.echo),
+        gates_dir=Path(gates_dir),
+        fallback_gates_dir=Path(fallback_gates_dir),
+        deploy_path=Path(deploy_path),
+        params_path=Path(params_path),
+        prefix=prefix,
+        log=click.echo,
+    )
+    if json_path:
+        io.write_json(json_path, result.to_dict())
+    sys.exit(0 if result.status == "passed" else 1)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ KEY_FORMAT = "dpoflow-human-eval-key-v1"
 RATINGS = {"a": "a", "b": "b", "tie": "tie", "=": "tie", "equal": "tie", "same": "tie"}
 
 
-def _shown_prompt(prompt: Sequence[Mapping[str, str]]) -> str:
+def shown_prompt(prompt: Sequence[Mapping[str, str]]) -> str:
     """What the rater reads: the user turn(s) (the system prompt is the same for every row)."""
     users = [m["content"] for m in prompt if m.get("role") == "user"]
     return "\n".join(users) if users else "\n".join(m["content"] for m in prompt)
@@ -31,15 +31,29 @@ def export_human_sheet(
     seed: int = 0,
     bootstrap_samples: int = 2000,
     meta: Mapping[str, Any] | None = None,
+    include: Sequence[int] = (),
 ) -> dict:
     """Write a blind side-by-side CSV (columns SHEET_COLUMNS; `preference` left blank for A / B / tie) and, separately,
     the key mapping each row's A and B to final / baseline.
 
     Rows: a seeded sample of min(n_rows, len(judgments)) prompts in a seeded random order; which model is A is a
-    seeded coin flip per row. Nothing in the sheet names a model. Returns a summary."""
+    seeded coin flip per row. Nothing in the sheet names a model. `include`: judgment indices (their "index") that
+    come first, in that order (e.g. the report's qualitative rows, reporting.qualitative.sheet_indices), then a
+    seeded sample of the others up to n_rows (all of `include` is kept when it is longer). Returns a summary."""
     rng = random.Random(f"dpoflow-human-eval:{seed}")
     n = min(int(n_rows), len(judgments))
-    chosen = rng.sample(range(len(judgments)), n)
+    if include:
+        position = {j.get("index", i): i for i, j in enumerate(judgments)}
+        bad = [x for x in include if x not in position] or [x for x in include if list(include).count(x) > 1]
+        if bad:
+            raise ValueError(f"include: judgment index {bad[0]!r} is unknown or repeated")
+        first = [position[x] for x in include]
+        taken = set(first)
+        others = [i for i in range(len(judgments)) if i not in taken]
+        n = max(n, len(first))
+        chosen = first + rng.sample(others, n - len(first))
+    else:
+        chosen = rng.sample(range(len(judgments)), n)
     rows, key_rows = [], {}
     for number, index in enumerate(chosen, start=1):
         j = judgments[index]
@@ -48,7 +62,7 @@ def export_human_sheet(
         rows.append(
             {
                 "row": str(number),
-                "prompt": _shown_prompt(j["prompt"]),
+                "prompt": shown_prompt(j["prompt"]),
                 "response_a": a,
                 "response_b": b,
                 "preference": "",
@@ -75,7 +89,7 @@ def export_human_sheet(
             **({"meta": dict(meta)} if meta else {}),
         },
     )
-    return {"rows": n, "sheet": str(sheet_csv), "key": str(key_json)}
+    return {"rows": n, "included": len(include), "sheet": str(sheet_csv), "key": str(key_json)}
 
 
 def read_human_ratings(sheet_csv: str | Path, key_json: str | Path) -> tuple[list[float], dict]:

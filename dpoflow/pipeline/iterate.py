@@ -88,6 +88,10 @@ class Rounds:
     benchmark_fn: Callable[[Path], Mapping[str, float]] | None = None  # fused model dir -> {task: score}
     fingerprint: str = ""
     log: Callable[[str], None] = lambda message: None
+    # Round k's prompts: (k, screened [(line, item)], chains, records so far) -> [(line, item)], called for every
+    # round in order (resumed ones too). None = the fixed slice (round_slice). E.g. eval.weakness.TargetedPrompts;
+    # put what it depends on into `fingerprint`.
+    choose_prompts: Callable[..., Sequence[tuple[int, Mapping[str, Any]]]] | None = None
 
     @property
     def min_pairs(self) -> int:
@@ -398,7 +402,8 @@ def run_iteration(ctx: Rounds, dpo_dir: Path, round_items: Sequence[Mapping[str,
     stop: str | None = None
     for k in range(1, it.rounds + 1):
         start, end = round_slice(len(screened), k, it.prompts_per_round)
-        if start == end:
+        chosen = screened[start:end] if ctx.choose_prompts is None else ctx.choose_prompts(k, screened, chains, records)
+        if not chosen:
             stop = "out_of_prompts"
             ctx.log(f"round {k}: no fresh prompts left in {origin}")
             break
@@ -407,7 +412,7 @@ def run_iteration(ctx: Rounds, dpo_dir: Path, round_items: Sequence[Mapping[str,
             outcome = _resumed_round(k, state, chains, ctx)
             ctx.log(f"round {k}: resumed ({outcome.record['decision']})")
         else:
-            outcome = run_round(k, screened[start:end], records[-1], chains, ctx, origin)
+            outcome = run_round(k, chosen, records[-1], chains, ctx, origin)
             perf["rounds"].append(outcome.timings)
         outcomes[k] = outcome
         if outcome.chain is not None:
