@@ -27,11 +27,13 @@ from dpoflow.data.prompts import prompt_of
 from dpoflow.eval import benchmarks
 from dpoflow.eval.human import export_human_sheet, import_human_ratings
 from dpoflow.eval.measure import kl_prompt_messages, make_probe
+from dpoflow.eval.weakness import breakdown_deltas, judged_breakdown
 from dpoflow.modeling import loading
 from dpoflow.modeling.chain import export_final
 from dpoflow.modeling.reference import read_ref_logps
 from dpoflow.pipeline.evaluate import Evaluation, decide, run_evaluation
 from dpoflow.reporting.charts import read_tsv
+from dpoflow.reporting.qualitative import qualitative_rows, sheet_indices
 from dpoflow.reporting.report import CURVES, ReportInputs, write_report
 from dpoflow.runtime import io
 from dpoflow.runtime.errors import user_errors
@@ -51,6 +53,7 @@ JUDGMENTS = Path("data/evaluation/judgments.jsonl")
 REPORTS = Path("reports")
 SHEET = REPORTS / "human_eval_sheet.csv"
 KEY = REPORTS / "human_eval_key.json"
+QUALITATIVE = REPORTS / "qualitative.json"
 METRICS = Path("metrics/evaluate.json")
 DETAIL = REPORTS / "evaluate.json"
 METRIC_KEYS = (
@@ -123,7 +126,16 @@ def _measure(p) -> None:
     metrics, judgments, perf = run_evaluation(ev)
     if getattr(judge, "position_bias_rate", None) is not None:  # the llm judge: how often the order decided
         metrics["judge_position_bias_rate"] = judge.position_bias_rate
+    sft_by_category = judged_breakdown(items, judgments, "score_baseline", seed=p.seed)
+    final_by_category = judged_breakdown(items, judgments, "score_final", seed=p.seed)
+    metrics["categories"] = {
+        "sft": sft_by_category,
+        "final": final_by_category,
+        "deltas": breakdown_deltas(sft_by_category, final_by_category),
+    }
     io.write_jsonl(JUDGMENTS, judgments)
+    examples = qualitative_rows(judgments, seed=p.seed)  # the report's side-by-side rows, first in the sheet too
+    io.write_json(QUALITATIVE, examples)
     export_human_sheet(
         judgments,
         SHEET,
@@ -132,6 +144,7 @@ def _measure(p) -> None:
         seed=p.seed,
         bootstrap_samples=p.evaluate.bootstrap_samples,
         meta={"final": str(FINAL), "baseline": str(SFT), "prompts": str(SPLITS / "eval.jsonl")},
+        include=sheet_indices(examples),
     )
     detail = {
         **metrics,
@@ -207,6 +220,7 @@ def _decide(p) -> dict:
             curves=curves,
             params=p,
             provenance=_provenance(p, metrics),
+            qualitative=io.read_json(QUALITATIVE) if QUALITATIVE.is_file() else [],
             files={
                 "final_model": str(FINAL),
                 "deploy": str(REPORTS / "deploy.json"),

@@ -20,6 +20,7 @@ from dpoflow.data.prompts import reference_of
 from dpoflow.eval import benchmarks
 from dpoflow.eval.measure import kl_prompt_messages, make_probe
 from dpoflow.eval.rounds import finite
+from dpoflow.eval.weakness import TargetedPrompts, greedy_responses, policy_breakdown
 from dpoflow.modeling import loading
 from dpoflow.modeling.chain import save_selected
 from dpoflow.modeling.reference import read_ref_logps
@@ -122,6 +123,15 @@ def main(params_path: str) -> None:
             + (io.files_hash(STAGE4_REWARD_MODEL) if judge.name == "reward_model" else ""),
         )
     )
+    categorize = None
+    if judge.generates:  # the per-category results every round records (and targeting reads)
+        settings = {"system_prompt": p.data.system_prompt or None, "max_tokens": pp.max_tokens, "seed": p.seed}
+        baseline = greedy_responses(sft_model, tokenizer, heldout_items, **settings) if judge.relative else None
+
+        def categorize(model, tok) -> dict:
+            return policy_breakdown(model, tok, judge, heldout_items, baseline=baseline, **settings)
+
+    chooser = TargetedPrompts(it.prompts_per_round, floor=it.target_floor, seed=p.seed) if it.targeted else None
     ctx = Rounds(
         params=p,
         batch_size=batch_size,
@@ -135,6 +145,8 @@ def main(params_path: str) -> None:
         benchmark_fn=benchmark_fn if p.benchmarks.tasks else None,
         fingerprint=fingerprint,
         log=click.echo,
+        choose_prompts=chooser,
+        categorize=categorize,
     )
     result = run_iteration(ctx, DPO, round_items, origin=str(ROUNDS))
 
@@ -159,6 +171,12 @@ def main(params_path: str) -> None:
         },
     )
     detail = {**result.metrics(), "chip": chip, "batch_size": batch_size}
+    if chooser is not None:  # per targeted round: its weights and whether the targeted categories moved
+        detail["targeting"] = {
+            "floor": it.target_floor,
+            "rounds": {str(k): h["weights"] for k, h in sorted(chooser.history.items())},
+            "summaries": {str(k): s for k, s in chooser.summaries(result.rounds[-1].get("categories")).items()},
+        }
     io.write_json("reports/iterate.json", detail)  # every round's record, the settings and the analysis
     io.write_json(
         "metrics/iterate.json",

@@ -192,6 +192,19 @@ def test_targeted_prompts_chooser_first_round_is_the_fixed_slice_then_targets():
     assert list(summary) == [2] and summary[2]["targeted"] == ["b"]
 
 
+def test_targeted_prompts_reads_round_records_by_default():
+    screened = list(enumerate(pool({"a": 12, "b": 12}), start=1))
+    chooser = TargetedPrompts(per_round=6, seed=5)
+    r1 = chooser(1, screened, {}, [{"round": 0}])  # round 0 measured no categories: the fixed slice
+    assert r1 == screened[:6]
+    weak_b = [{"round": 0}, {"round": 1, "categories": bd_of({"a": 0.9, "b": 0.0})}]
+    r2 = chooser(2, screened, {}, weak_b)
+    assert Counter(category_of(item) for _, item in r2)["b"] >= 5
+    weak_a = [{"round": 0}, {"round": 1, "categories": bd_of({"a": 0.0, "b": 0.9})}]
+    r2a = TargetedPrompts(6, seed=5, drawn={1: chooser.drawn[1]})(2, screened, {}, weak_a)
+    assert Counter(category_of(item) for _, item in r2a)["a"] >= 5
+
+
 def _fake_iteration(monkeypatch, tmp_path, choose_prompts):
     """run_iteration with the model work faked: records which prompts each round received."""
     p = parse_params(

@@ -57,6 +57,7 @@ class Judge:
 
     name: str = "judge"
     generates: bool = True  # False: no sampling, the judge provides labelled pairs through load()
+    relative: bool = False  # True: a score ranks a prompt's responses against each other (one alone scores 1/2)
 
     @property
     def source(self) -> str:
@@ -122,6 +123,7 @@ class RewardModelJudge(Judge):
     """
 
     name = "reward_model"
+    relative = True  # centred per prompt
 
     def __init__(self, path: str | Path | None, batch_size: int = 8, scale: float = 1.0, reward_model: Any = None):
         if scale <= 0:
@@ -229,6 +231,7 @@ class LlmJudge(Judge):
     other responses (1 win, 1/2 tie, 0 loss), so a prompt with K responses costs K (K - 1) judge forwards, batched."""
 
     name = "llm"
+    relative = True  # pairwise
 
     def __init__(self, model: Any, tokenizer: Any, template: str | None = None, batch_size: int = 8):
         self.model, self.tokenizer = model, tokenizer

@@ -276,6 +276,21 @@ def targeted_summary(before: Mapping[str, Any], after: Mapping[str, Any], weight
     return {"targeted": targeted, "deltas": rows, "improved": improved, "regressed": regressed, "text": text}
 
 
+def greedy_responses(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[Mapping[str, Any]],
+    *,
+    system_prompt: str | None,
+    max_tokens: int,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[str]:
+    """One greedy response per item (win_rate.responses), as Stage 7 generates them."""
+    prompts = [prompt_of(item, system_prompt) for item in items]
+    return responses(model, tokenizer, prompts, max_tokens, 0.0, seed, batch_size, "weakness breakdown")
+
+
 def policy_breakdown(
     model: Any,
     tokenizer: Any,
@@ -286,12 +301,23 @@ def policy_breakdown(
     max_tokens: int,
     batch_size: int = 64,
     seed: int = 0,
+    baseline: Sequence[str] | None = None,
 ) -> dict:
-    """A policy's breakdown on `items`: one greedy response per item (win_rate.responses), scored by `judge`
-    (a scoring judge: verifier, reward_model, ...), grouped by category_of(item)."""
+    """A policy's breakdown on `items`: one greedy response per item scored by `judge`, grouped by category_of(item).
+    A judge whose scores are relative (`judge.relative`: reward model, llm) scores each response against
+    `baseline` (the SFT model's greedy response to the same item): the score is the policy's share of the pair,
+    1/2 = as good as SFT. An absolute judge (verifier, a python function) scores each response alone."""
     prompts = [prompt_of(item, system_prompt) for item in items]
-    texts = responses(model, tokenizer, prompts, max_tokens, 0.0, seed, batch_size, "weakness breakdown")
-    scores = judge.score(list(items), prompts, [[t] for t in texts]) if items else []
+    texts = greedy_responses(
+        model, tokenizer, items, system_prompt=system_prompt, max_tokens=max_tokens, batch_size=batch_size, seed=seed
+    )
+    if getattr(judge, "relative", False):
+        if baseline is None or len(baseline) != len(texts):
+            raise ValueError("a relative judge needs the baseline's response to every item")
+        candidates = [[t, b] for t, b in zip(texts, baseline)]
+    else:
+        candidates = [[t] for t in texts]
+    scores = judge.score(list(items), prompts, candidates) if items else []
     return breakdown([category_of(item) for item in items], [s[0] for s in scores], seed=seed)
 
 
@@ -304,23 +330,27 @@ class TargetedPrompts:
     """A `Rounds.choose_prompts` that draws round k's prompts toward the categories round k-1's policy is weakest on.
 
     Called as (k, screened, chains, records) -> [(line, item)], for every round in order (resumed ones too, so the
-    draw is rebuilt identically). `breakdown_of(k - 1, chains[k - 1])` gives the previous round's breakdown (e.g.
-    `policy_breakdown` of that round's policy on held-out items; None = no breakdown). With one, round k draws
-    `per_round` prompts with `draw_targeted(weights = targeted_weights(breakdown, floor), seed = seed + k)` from the
-    screened prompts no earlier round drew; without one it takes the first `per_round` of them, which is exactly
-    the fixed slice (eval.rounds.round_slice). `history[k]` keeps the breakdown, weights and lines of round k."""
+    draw is rebuilt identically). Round k-1's breakdown is its record's "categories" (`Rounds.categorize`), or
+    `breakdown_of(k - 1, chains[k - 1])` when given (None = no breakdown). With one, round k draws `per_round`
+    prompts with `draw_targeted(weights = targeted_weights(breakdown, floor), seed = seed + k)` from the screened
+    prompts no earlier round drew; without one it takes the first `per_round` of them, which is exactly the fixed
+    slice (eval.rounds.round_slice). `history[k]` keeps the breakdown, weights and lines of round k."""
 
     per_round: int
-    breakdown_of: Callable[[int, Any], Mapping[str, Any] | None]
+    breakdown_of: Callable[[int, Any], Mapping[str, Any] | None] | None = None
     floor: float = DEFAULT_FLOOR
     seed: int = 0
     drawn: dict[int, list[int]] = field(default_factory=dict)
     history: dict[int, dict] = field(default_factory=dict)
     _breakdowns: dict[int, Mapping[str, Any] | None] = field(default_factory=dict, init=False, repr=False)
 
-    def breakdown(self, k: int, chain: Any) -> Mapping[str, Any] | None:
+    def breakdown(
+        self, k: int, chains: Mapping[int, Any], records: Sequence[Mapping[str, Any]]
+    ) -> Mapping[str, Any] | None:
+        if self.breakdown_of is None:
+            return next((r.get("categories") for r in records if r.get("round") == k), None)
         if k not in self._breakdowns:
-            self._breakdowns[k] = self.breakdown_of(k, chain)
+            self._breakdowns[k] = self.breakdown_of(k, chains[k]) if k in chains else None
         return self._breakdowns[k]
 
     def __call__(
@@ -332,7 +362,7 @@ class TargetedPrompts:
     ) -> list[tuple[int, Mapping[str, Any]]]:
         used = {line for r, lines in self.drawn.items() if r < k for line in lines}
         available = [(line, item) for line, item in screened if line not in used]
-        bd = self.breakdown(k - 1, chains[k - 1]) if (k - 1) in chains else None
+        bd = self.breakdown(k - 1, chains, records)
         weights = targeted_weights(bd, self.floor) if bd and bd.get("categories") else None
         if weights is None:
             chosen = list(available[: self.per_round])

@@ -92,6 +92,9 @@ class Rounds:
     # round in order (resumed ones too). None = the fixed slice (round_slice). E.g. eval.weakness.TargetedPrompts;
     # put what it depends on into `fingerprint`.
     choose_prompts: Callable[..., Sequence[tuple[int, Mapping[str, Any]]]] | None = None
+    # A policy's per-category results, (model, tokenizer) -> eval.weakness.breakdown, kept in each round's record
+    # as "categories" (what choose_prompts targets and the report compares). None = not measured.
+    categorize: Callable[[nn.Module, Any], Mapping[str, Any]] | None = None
 
     @property
     def min_pairs(self) -> int:
@@ -180,6 +183,10 @@ def measure_round(model: nn.Module, tokenizer: Any, ctx: Rounds, label: str) -> 
             shutil.rmtree(fused, ignore_errors=True)
     timings["benchmark_seconds"] = time.perf_counter() - t0
     metrics.update(benchmarks=bench, benchmark_mean=float(np.mean(list(bench.values()))) if bench else None)
+    if ctx.categorize is not None:
+        t1 = time.perf_counter()
+        metrics["categories"] = ctx.categorize(model, tokenizer)
+        timings["categories_seconds"] = time.perf_counter() - t1
     return io.json_safe(metrics), timings
 
 

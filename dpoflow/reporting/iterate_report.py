@@ -34,6 +34,24 @@ def render_iterate_report(metrics: Mapping[str, Any]) -> str:
     lines += ["", "## Decisions", ""]
     for r in metrics["rounds"]:
         lines.append(f"- round {r['round']}: **{r.get('decision')}** — {'; '.join(r.get('reasons') or [])}")
+    targeting = metrics.get("targeting")
+    if targeting:
+        lines += [
+            "",
+            "## Weakness targeting",
+            "",
+            "Round k draws its prompts with weights toward the categories round k-1's policy scored lowest on "
+            f"(held-out items, weight = 1 - mean + {targeting['floor']:g}, normalized).",
+            "",
+        ]
+        for k, weights in sorted(targeting["rounds"].items(), key=lambda kv: int(kv[0])):
+            if not weights:
+                lines.append(f"- round {k}: the fixed slice (no breakdown of round {int(k) - 1})")
+                continue
+            top = sorted(weights.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+            shown = ", ".join(f"{name} {w:.2f}" for name, w in top)
+            summary = (targeting.get("summaries") or {}).get(k)
+            lines.append(f"- round {k}: weights {shown}" + (f"; {summary['text']}" if summary else ""))
     lines += [
         "",
         "## Convergence analysis",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dpoflow.reporting.charts import Series, bar_chart, esc, fmt, line_chart
+from dpoflow.reporting.qualitative import render_qualitative_html, render_qualitative_markdown
 from dpoflow.runtime import io
 from dpoflow.runtime.params import Params
 
@@ -46,6 +47,7 @@ class ReportInputs:
     params: Params
     files: Mapping[str, str] = field(default_factory=dict)
     provenance: Sequence[str] = ()  # which data and which judge each number comes from, one line each
+    qualitative: Sequence[Mapping[str, Any]] = ()  # side-by-side rows (reporting.qualitative.qualitative_rows)
 
 
 def collect(inputs: ReportInputs) -> dict:
@@ -70,7 +72,24 @@ def collect(inputs: ReportInputs) -> dict:
         },
         "files": files,
         "provenance": list(inputs.provenance),
+        "qualitative": list(inputs.qualitative),
+        "seed": p.seed,
     }
+
+
+def _category_rows(ev: Mapping[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+    """(category, n, SFT, final, change, moved) per category of the win-rate prompts, judged as the win rate is."""
+    cats = ev.get("categories") or {}
+    return [
+        (name, str(d["n_after"]), fmt(d["before"]), fmt(d["after"]), fmt(d["delta"]), d["moved"] or "–")
+        for name, d in sorted((cats.get("deltas") or {}).items())
+    ]
+
+
+def _targeting_lines(it: Mapping[str, Any] | None) -> list[str]:
+    """One line per targeted Stage 6 round: which categories it aimed at and whether they moved."""
+    summaries = ((it or {}).get("targeting") or {}).get("summaries") or {}
+    return [f"round {k}: {s['text']}" for k, s in sorted(summaries.items(), key=lambda kv: int(kv[0]))]
 
 
 def plots(data: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
@@ -247,6 +266,21 @@ def render_markdown(data: Mapping[str, Any], plot_files: Mapping[str, tuple[str,
                 f"{fmt(r.get('task_accuracy'))} | {fmt(r.get('benchmark_mean'))} | {r.get('decision')} |"
             )
         lines += ["", it.get("analysis", "")]
+    if _category_rows(ev) or _targeting_lines(it):
+        lines += [
+            "",
+            "## Results by category",
+            "",
+            "Mean judged score per category of the win-rate prompts (the judge of the win rate); `moved` says "
+            "whether the 95% intervals of SFT and final separate.",
+            "",
+            "| category | n | SFT | final | change | moved |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        lines += [f"| {' | '.join(row)} |" for row in _category_rows(ev)]
+        lines += [""] + [f"- Stage 6 {x}" for x in _targeting_lines(it)]
+    if data["qualitative"]:
+        lines += ["", render_qualitative_markdown(data["qualitative"], seed=data["seed"]).rstrip("\n")]
     cont = ev.get("contamination") or {}
     lines += [
         "",
@@ -347,6 +381,15 @@ def render_html(data: Mapping[str, Any], svgs: Mapping[str, tuple[str, str]]) ->
                 f"<td>{esc('; '.join(r.get('reasons') or []))}</td></tr>"
             )
         parts.append(f"</table><p>{esc(it.get('analysis', ''))}</p>")
+    if _category_rows(ev) or _targeting_lines(it):
+        parts.append(
+            "<h2>Results by category</h2><table><tr><th>category</th><th>n</th><th>SFT</th><th>final</th>"
+            "<th>change</th><th>moved</th></tr>"
+        )
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in _category_rows(ev)]
+        parts.append("</table><ul>" + "".join(f"<li>Stage 6 {esc(x)}</li>" for x in _targeting_lines(it)) + "</ul>")
+    if data["qualitative"]:
+        parts.append(render_qualitative_html(data["qualitative"], seed=data["seed"]))
     cont = ev.get("contamination") or {}
     parts.append(
         f"<h2>Contamination audit</h2><p>{esc(fmt(ev.get('contaminated_pairs')))} of "

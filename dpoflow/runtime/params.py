@@ -209,6 +209,11 @@ class IterateParams:
     convergence_epsilon: float = _spec(0.005, low=0)
     # Valid pairs a round needs (Stage 2's gate, per round); null = preference.min_pairs scaled by prompt share.
     min_pairs: int | None = _spec(None, low=1)
+    # Weakness targeting (eval.weakness): round k draws its prompts with weights toward the categories round k-1's
+    # policy scored lowest on (held-out items, the stage's judge); target_floor keeps every category in the draw.
+    # false = the fixed slice of the round prompts.
+    targeted: bool = True
+    target_floor: float = _spec(0.05, low=0, low_open=True)
 
 
 @dataclass(frozen=True)
