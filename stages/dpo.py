@@ -28,7 +28,14 @@ REF_LOGPS = Path("data/ref_logps.safetensors")
 PAIRS = {"train": Path("data/pairs.parquet"), "heldout": Path("data/heldout_pairs.parquet")}
 HELDOUT_TASKS = Path("data/tasks/heldout.jsonl")
 OUT = Path("models/dpo")
-METRIC_KEYS = ("kl", "heldout_gap", "heldout_accuracy", "train.loss", "learning_rate", "n_attempts")
+METRIC_KEYS = {
+    "kl": "kl",
+    "heldout_gap": "heldout_gap",
+    "heldout_accuracy": "heldout_accuracy",
+    "dpo_train_loss": "train.loss",
+    "learning_rate": "learning_rate",
+    "n_attempts": "n_attempts",
+}
 CHECKPOINT = Path("checkpoints/dpo")  # resume point of a killed run (not a DVC output)
 
 

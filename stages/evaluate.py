@@ -8,7 +8,7 @@
                                                    # reports/deploy.json, report.md, report.html (reads the thresholds)
     python stages/evaluate.py --human-ratings reports/human_eval_sheet.csv [--key reports/human_eval_key.json]
                                                    # import filled-in human ratings: the same win-rate function;
-                                                   # prints it and writes metrics/human_eval.json
+                                                   # prints it and writes reports/human_eval.json
 
 The measuring run reads no threshold (editing one re-runs only the light decision + gate); `--decide` applies
 the gate's checks (dpoflow.eval.deploy) and always writes the report, also when the gate then fails.
@@ -56,15 +56,15 @@ KEY = REPORTS / "human_eval_key.json"
 QUALITATIVE = REPORTS / "qualitative.json"
 METRICS = Path("metrics/evaluate.json")
 DETAIL = REPORTS / "evaluate.json"
-METRIC_KEYS = (
-    "retention",
-    "win_rate",
-    "win_rate_ci_low",
-    "kl",
-    "heldout_gap",
-    "contaminated_pairs",
-    "judge_position_bias_rate",
-)  # and bench_<task> per benchmark
+METRIC_KEYS = {
+    "retention": "retention",
+    "win_rate": "win_rate",
+    "win_rate_ci_low": "win_rate_ci_low",
+    "final_kl": "kl",
+    "final_heldout_gap": "heldout_gap",
+    "contaminated_pairs": "contaminated_pairs",
+    "win_rate_position_bias": "judge_position_bias_rate",
+}  # and final_<task> per benchmark (Stage 1 wrote bench_<task>)
 DEPLOY_METRICS = Path("metrics/deploy.json")
 SFT_DETAIL = REPORTS / "sft.json"  # the baseline benchmark scores
 ITERATE_DETAIL = REPORTS / "iterate.json"
@@ -157,7 +157,7 @@ def _measure(p) -> None:
     io.write_json(DETAIL, detail)
     io.write_json(
         METRICS,
-        {**io.headline(detail, METRIC_KEYS), **{f"bench_{name}": score for name, score in final_scores.items()}},
+        {**io.headline(detail, METRIC_KEYS), **{f"final_{name}": score for name, score in final_scores.items()}},
     )
     io.write_json(
         REPORTS / "perf" / "evaluate.json",
@@ -259,12 +259,12 @@ def main(params_path: str, decide_only: bool, ratings: str | None, key_path: str
     p = load_params(params_path)
     if ratings:
         result = import_human_ratings(ratings, key_path)
-        io.write_json("metrics/human_eval.json", result)
+        io.write_json("reports/human_eval.json", result)
         fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
         click.echo(
             f"human win rate {fmt(result['win_rate'])} [{fmt(result['ci_low'])}, {fmt(result['ci_high'])}] "
             f"from {result['rated']} rated rows ({result['wins']} wins, {result['ties']} ties, "
-            f"{result['losses']} losses; {result['unrated']} not rated) -> metrics/human_eval.json"
+            f"{result['losses']} losses; {result['unrated']} not rated) -> reports/human_eval.json"
         )
         ok = result["ci_low"] is not None and result["ci_low"] > p.evaluate.min_win_rate_lower
         click.echo(

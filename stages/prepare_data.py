@@ -19,7 +19,12 @@ from dpoflow.runtime.params import load_params
 OUT = Path("data/tasks")
 METRICS = Path("metrics/prepare_data.json")
 DETAIL = Path("reports/prepare_data.json")  # every split and input file's row counts
-METRIC_KEYS = ("n_sft_train", "n_pref_prompts", "n_eval", "n_quarantined")
+METRIC_KEYS = {
+    "n_sft_train": "n_sft_train",
+    "n_pref_prompts": "n_pref_prompts",
+    "n_eval": "n_eval",
+    "n_rows_quarantined": "n_quarantined",
+}
 
 
 @click.command()

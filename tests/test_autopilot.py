@@ -167,7 +167,7 @@ def test_rule_table_arithmetic_and_set_args():
     assert apply_change(Change("dpo.beta", "x", 1.5), p) == 0.45  # 0.44999999999999996 rounded to 6 digits
     assert apply_change(Change("k.n", "x", 1.5), {"k": {"n": 9}}) == 14  # integers round up
     assert apply_change(Change("k.n", "+", 2, limit=10), {"k": {"n": 9}}) == 10
-    changes, unruled = prescription("evaluate", ["retention", "kl", "contaminated_pairs"], load_params_like())
+    changes, unruled = prescription("evaluate", ["retention", "final_kl", "contaminated_pairs"], load_params_like())
     assert changes == {"dpo.learning_rate": 1.25e-05, "iterate.max_steps": 30, "dpo.beta": 0.45}
     assert unruled == ["contaminated_pairs"]
     expected = ["-S", "dpo.beta=0.45", "-S", "iterate.max_steps=30"]

@@ -95,11 +95,15 @@ def reference(pipeline) -> dict[str, bytes]:
 def test_metrics_files_are_flat_numbers(reference):
     """What `dvc metrics show` / `diff` / `exp show` print: a few flat numbers per stage, no prose, lists or nesting
     (those live in reports/<stage>.json)."""
+    owner: dict[str, str] = {}
     for path, data in reference.items():
         if path.startswith("metrics/"):
             values = json.loads(data)
             bad = {k: v for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
             assert not bad and len(values) <= 12, f"{path}: {len(values)} keys; not flat numbers: {bad}"
+            for key in values:  # unique names: `dvc exp show` prints them without the file
+                assert key not in owner, f"metric {key!r} in both {owner[key]} and {path}"
+                owner[key] = path
 
 
 def test_timings_stay_out_of_quality_metrics(reference):

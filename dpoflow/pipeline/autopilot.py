@@ -87,7 +87,7 @@ RULES: dict[tuple[str, str], Rule] = {
         (Change("dpo.beta", "x", 1.5),),
         "a larger beta holds the policy closer to the reference",
     ),
-    ("evaluate", "kl"): Rule(
+    ("evaluate", "final_kl"): Rule(
         "final KL over evaluate.max_kl",
         (Change("dpo.beta", "x", 1.5),),
         "a larger beta holds the policy closer to the reference",

@@ -82,7 +82,8 @@ def write_outputs(
     write_pairs(result.pairs, out.pairs, out.pairs_jsonl)
     write_pairs(result.heldout_pairs, out.heldout_pairs)
     write_quarantine(result.all_quarantined, out.quarantine)
-    metrics = {**result.metrics(), **{k: v for k, v in (judge_info or {}).items() if k.startswith("judge_")}}
+    info = dict(judge_info or {})  # what the judge reports (position bias; an import's format, fingerprint, rows)
+    metrics = {**result.metrics(), **{k: v for k, v in info.items() if k.startswith("judge_")}, "judge_info": info}
     io.write_text(out.report, render_preference_report(result, metrics, quarantine_file=str(out.quarantine)))
     io.write_json(out.detail, metrics)
     io.write_json(out.metrics, io.headline(metrics, metric_keys))
