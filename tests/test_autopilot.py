@@ -45,6 +45,7 @@ class FakeDvc:
         self.calls: list[list[str]] = []
         self.saved = list(saved)
         self.applied: list[str] = []
+        self.failed: dict = {}
         self.params = {
             "batch_size": dict.fromkeys(CHIPS, 4),
             "dpo": {"learning_rate": 2.5e-5, "lr_backoff": 0.5, "beta": 0.3},
@@ -63,6 +64,14 @@ class FakeDvc:
         if args[:2] == ["exp", "apply"]:
             self.applied.append(args[2])
             return 0, ""
+        if args[:2] == ["stage", "list"]:
+            return 0, "".join(f"{s}\n" for s in ("sft", "gate_sft", *(f"gate_{g}" for g in RERUN)))
+        if args[:2] == ["status", "--json"]:
+            return 0, "WARNING: noise\n" + json.dumps({f"gate_{g}": [] for g in self.failed})
+        if args[:2] == ["exp", "save"]:
+            assert args[2] == "-n" and not {f"gate_{g}" for g in self.failed} & set(args[4:])
+            self.saved.append(args[3])
+            return 0, ""
         assert args[:3] == ["exp", "run", "-n"]
         name, sets = args[3], args[4:]
         for flag, setting in zip(sets[::2], sets[1::2]):
@@ -72,7 +81,7 @@ class FakeDvc:
             self.params[section][leaf] = json.loads(value)
         self.write_params()
         self.gates.mkdir(parents=True, exist_ok=True)
-        failed = self.judge(self.params)
+        failed = self.failed = {g: m for g, m in self.judge(self.params).items() if m}
         time.sleep(0.01)  # distinct mtimes
         for gate in RERUN:
             (self.gates / f"{gate}.json").write_text(json.dumps(verdict(gate, failed.get(gate, ()))))
@@ -114,9 +123,13 @@ def test_retention_fails_then_the_prescribed_retry_passes_and_is_applied(tmp_pat
     assert fake.calls == [
         ["exp", "list", "--name-only"],
         ["exp", "run", "-n", "autopilot-2"],  # try 1: the workspace params
+        ["stage", "list", "--name-only"],  # stopped by gate_evaluate: recorded from the stages that completed
+        ["status", "--json"],
+        ["exp", "save", "-n", "autopilot-2", "sft", "gate_sft"] + [f"gate_{g}" for g in RERUN if g != "evaluate"],
         ["exp", "run", "-n", "autopilot-3", "-S", "dpo.learning_rate=1.25e-05", "-S", "iterate.max_steps=30"],
         ["exp", "apply", "autopilot-3"],
     ]
+    assert "autopilot-2" in fake.saved  # the failed try is an experiment too
     first, second = result.tries
     assert first.held["gate"] == "evaluate" and [c["metric"] for c in first.held["checks"]] == ["retention"]
     assert first.held["path"].endswith("metrics/gates/evaluate.json")  # the fallback folder, stale sft.json ignored

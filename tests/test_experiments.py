@@ -133,6 +133,10 @@ def test_exp_run_set_param_reruns_only_its_stage_and_after(exp_project):
     proc = sh(exp_project, "dvc", "exp", "run", "-n", "set-param", "-S", f"{key}={values[0]}")
     executed = ran(proc.stdout)
     order = stages_in(exp_project / "dvc.yaml")
+    # check_params reads the whole params file, so it always reruns; its verdict (gates/params.passed) is
+    # unchanged, so nothing downstream of it reruns on its account
+    assert executed[:1] == ["check_params"], proc.stdout
+    executed = executed[1:]
     assert executed and executed[0] == stage, proc.stdout
     assert set(executed) <= set(order[order.index(stage) :]), executed
     # `-S` leaves the value in the workspace params.yaml, and the run is recorded as an experiment.
@@ -188,3 +192,47 @@ def test_queued_sweep_runs_and_exp_show_lists_gate_metrics_side_by_side(exp_proj
                 for c, v in cells.items()
             )
         )
+
+
+def test_autopilot_retries_a_failed_retention_gate_as_dvc_experiments(exp_project):
+    """A retention threshold no model meets: try 1 (the workspace params) is stopped by gate_evaluate; try 2 runs
+    with the prescribed smaller dpo.learning_rate and halved iterate.max_steps (Stages 5-7 rerun, nothing before);
+    the budget of 2 ends it, naming the gate. Both tries are experiments in `dvc exp show`."""
+    params = exp_project / "params.yaml"
+    original = params.read_text()
+    raw = yaml.safe_load(original)
+    lr, backoff, steps = raw["dpo"]["learning_rate"], raw["dpo"]["lr_backoff"], raw["iterate"]["max_steps"]
+    try:
+        params.write_text(original.replace("min_retention: 0.0", "min_retention: 1000.0", 1))
+        assert "min_retention: 1000.0" in params.read_text()
+        proc = sh(
+            exp_project,
+            "python",
+            "-m",
+            "dpoflow",
+            "autopilot",
+            "--budget",
+            "2",
+            "--json",
+            "autopilot.json",
+            check=False,
+        )
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1, out[-4000:]
+        result = json.loads((exp_project / "autopilot.json").read_text())
+        assert result["status"] == "budget" and "gate evaluate still held" in result["message"], result["message"]
+        first, second = result["tries"]
+        assert first["held"]["gate"] == "evaluate" and [c["metric"] for c in first["held"]["checks"]] == ["retention"]
+        assert second["settings"] == {"dpo.learning_rate": pytest.approx(lr * backoff), "iterate.max_steps": steps // 2}
+        reran = ran(out.split(f"$ dvc exp run -n {second['name']}")[1])
+        assert "dpo" in reran and not {"sft", "preference_data", "init", "reward_model"} & set(reran), reran
+        shown = sh(exp_project, *readme_exp_show(), env={"COLUMNS": "120"}).stdout
+        assert first["name"] in shown and second["name"] in shown, shown
+        rows = {r["name"]: r for r in exp_rows(exp_project)}
+        assert lookup(rows[second["name"]]["params"], "dpo.learning_rate") == pytest.approx(lr * backoff)
+        print("\n" + out[-3000:] + "\n" + shown)
+    finally:
+        params.write_text(original)
+        sh(exp_project, "git", "checkout", "--", ".", check=False)
+        sh(exp_project, "dvc", "checkout", "--force", check=False)
+        (exp_project / "autopilot.json").unlink(missing_ok=True)

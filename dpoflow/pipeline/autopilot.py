@@ -19,7 +19,8 @@ change from its cache: nothing is retrained that DVC can restore; the autopilot 
   no rule, the rule changes nothing any more (a limit reached), or the run failed without a failing verdict.
 
 DVC 3 keeps an experiment only when its run succeeded: a try stopped by a gate leaves its params, metrics and
-verdicts in the workspace (read here) but no experiment ref, so `AutopilotResult.tries` is the record of every try.
+verdicts in the workspace (read here), and `save_try` records it with `dvc exp save` of the stages that completed,
+so `dvc exp show` lists every try with its metrics; `AutopilotResult.tries` holds them too.
 Every DVC call goes through one `runner(args) -> (exit code, output)` (args after `dvc`): tests pass a fake.
 """
 
@@ -246,6 +247,21 @@ def next_number(runner: Runner, prefix: str) -> int:
     return max(found, default=0) + 1
 
 
+def save_try(runner: Runner, name: str) -> int:
+    """Record a try a gate stopped as experiment `name` (DVC 3 keeps no experiment of a failed `exp run`): `dvc exp
+    save` of the stages `dvc status` finds up to date, i.e. those that ran to completion. The gate that held and the
+    stages after it stay as they were in dvc.lock, so on that experiment `dvc status` still says they must run; its
+    metrics, params and the gate's verdict are the try's. Returns the exit code."""
+    rc, out = runner(["stage", "list", "--name-only"])
+    stages = out.split() if rc == 0 else []
+    rc, out = runner(["status", "--json"])
+    if rc != 0 or "{" not in out:
+        return rc or 1
+    changed = set(json.loads(out[out.index("{") : out.rindex("}") + 1]))
+    done = [stage for stage in stages if stage not in changed]
+    return runner(["exp", "save", "-n", name, *done])[0] if done else 1
+
+
 def set_args(settings: Mapping[str, Any], params_file: str = "") -> list[str]:
     """-S arguments of `dvc exp run` ("<params_file>:" first unless it is DVC's default params.yaml)."""
     where = "" if params_file in ("", "params.yaml") else f"{params_file}:"
@@ -295,6 +311,8 @@ def autopilot(
         held = held_gate(folder, before.get(folder, {}))
         attempt = Try(name, dict(settings), rc, passed=rc == 0 and held is None, held=held)
         tries.append(attempt)
+        if held is not None and rc != 0 and save_try(runner, name) != 0:
+            log(f"autopilot: could not record {name} as an experiment (dvc exp save); its verdict is in {folder}")
         if attempt.passed:
             apply_rc, _ = runner(["exp", "apply", name])
             if apply_rc != 0:
