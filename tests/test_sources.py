@@ -15,9 +15,10 @@ from dpoflow.data.feedback import feedback_pairs
 from dpoflow.data.formats import load_pairs
 from dpoflow.data.human_labels import load_argilla, load_label_studio
 from dpoflow.data.pairs import DataFormatError, pair_id
+from dpoflow.data.prompts import prompt_of, sft_rows
 from dpoflow.data.rows import PREVIEW_CHARS, quarantine_preview
 from dpoflow.data.sources import load_prompts, load_sft_rows, split_rows
-from dpoflow.data.tasks import normalize_question
+from dpoflow.data.tasks import SYSTEM_PROMPT, build_splits, normalize_question, sft_row
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "chat" / "inputs"
 
@@ -109,6 +110,34 @@ def test_sft_system_prompt_only_where_missing(tmp_path):
     assert rows[0]["prompt"] == [system("Own."), user("a")]
     assert rows[1]["prompt"] == [system("Default."), user("c")]
     assert rows[2]["prompt"] == []
+
+
+def test_sft_rows_put_the_system_prompt_first_as_prompt_of_does(tmp_path):
+    path = write_lines(
+        tmp_path / "sft.jsonl",
+        [
+            {"messages": [system("Own."), user("a"), assistant("b")]},
+            {"messages": [user("c"), assistant("d"), user("e"), assistant("f")]},
+            {"text": "g"},
+        ],
+    )
+    rows = load_sft_rows(path).rows
+    trained = sft_rows(rows, "Default.")
+    # before: a user's rows were trained without the system prompt Stages 2, 6 and 7 ask with
+    assert trained[1]["prompt"] == [system("Default."), user("c"), assistant("d"), user("e")]
+    assert trained[1]["prompt"] == prompt_of(rows[1], "Default.")
+    assert trained[0] == rows[0] and trained[2] == rows[2]  # its own system turn; a text row has no chat prompt
+    assert {k: v for k, v in trained[1].items() if k != "prompt"} == {k: v for k, v in rows[1].items() if k != "prompt"}
+    assert sft_rows(rows, None) == rows and sft_rows(rows, "") == rows
+    assert rows[1]["prompt"][0] == user("c")  # the split's rows are not changed in place
+
+
+def test_sft_rows_of_the_embedded_task_are_unchanged():
+    items = build_splits(sizes={"sft_train": 30, "sft_val": 10}, seed=0)
+    for split in ("sft_train", "sft_val"):
+        for system_prompt in (SYSTEM_PROMPT, None, "Other."):
+            expected = [sft_row(item, system_prompt) for item in items[split]]  # what sft_rows always gave them
+            assert json.dumps(sft_rows(items[split], system_prompt)) == json.dumps(expected)
 
 
 BAD_SFT = [
