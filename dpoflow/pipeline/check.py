@@ -13,7 +13,7 @@ from typing import Any, get_type_hints
 from dpoflow.data import tasks
 from dpoflow.data.benchmark_tasks import LOCAL_TASKS
 from dpoflow.data.judges import JudgeError, PythonJudge
-from dpoflow.eval.benchmarks import user_tasks
+from dpoflow.eval.benchmarks import non_local_tasks
 from dpoflow.modeling.tiny import make_tiny_model
 from dpoflow.runtime.params import (
     INPUT_PARAMS,
@@ -54,8 +54,7 @@ def stock_tasks() -> set[str]:
 
 
 def check_benchmarks(p: Params) -> None:
-    known = set(LOCAL_TASKS) | set(user_tasks(input_folder(p, "benchmarks")))
-    unknown = [t for t in p.benchmarks.tasks if t not in known]
+    unknown = non_local_tasks(p.benchmarks.tasks, input_folder(p, "benchmarks"))
     if unknown and (missing := [t for t in unknown if t not in stock_tasks()]):
         raise ParamsError(
             f"params.yaml: benchmarks.tasks: {missing[0]!r} is not a local task ({', '.join(LOCAL_TASKS)}), a task "
