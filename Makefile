@@ -27,7 +27,8 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	touch $@
 
 # Materialize the base model and data, then run every stage whose inputs changed.
-# Offline (HF_HUB_OFFLINE=1) unless a param names a hub model or dataset (python -m dpoflow hub-inputs).
+# Offline (HF_HUB_OFFLINE=1) unless a param names a hub model or dataset, or benchmarks.tasks a stock lm-eval task
+# (python -m dpoflow hub-inputs).
 run: setup
 	$(PY) -m dpoflow setup-blas
 	@if [ -z "$$($(PY) -m dpoflow hub-inputs)" ]; then export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1; fi; dvc repro

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
+from dpoflow.eval.benchmarks import non_local_tasks
 from dpoflow.pipeline.autopilot import autopilot, dvc_runner
 from dpoflow.runtime import device, io
-from dpoflow.runtime.params import hub_params, load_params
+from dpoflow.runtime.params import hub_params, input_folder, load_params
 from dpoflow.training.tune import tune_batch
 
 
@@ -39,9 +40,12 @@ def doctor(params_path: str) -> None:
 @cli.command("hub-inputs")
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
 def hub_inputs(params_path: str) -> None:
-    """Print the params that name a Hugging Face hub model or dataset (one per line; nothing when every input is
-    local: `make run` then runs with HF_HUB_OFFLINE=1)."""
-    for key, value in hub_params(load_params(params_path)):
+    """Print the params that name a Hugging Face hub model or dataset, stock lm-eval tasks in benchmarks.tasks
+    included (lm-eval downloads their data), one per line; nothing when every input is local: `make run` then runs
+    with HF_HUB_OFFLINE=1."""
+    params = load_params(params_path)
+    stock = non_local_tasks(params.benchmarks.tasks, input_folder(params, "benchmarks"))
+    for key, value in hub_params(params) + [("benchmarks.tasks", name) for name in stock]:
         click.echo(f"{key}: {value}")
 
 

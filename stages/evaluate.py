@@ -34,7 +34,7 @@ from dpoflow.modeling.reference import read_ref_logps
 from dpoflow.pipeline.evaluate import Evaluation, decide, run_evaluation
 from dpoflow.reporting.charts import read_tsv
 from dpoflow.reporting.qualitative import qualitative_rows, sheet_indices
-from dpoflow.reporting.report import CURVES, ReportInputs, write_report
+from dpoflow.reporting.report import CURVES, ReportInputs, input_lines, write_report
 from dpoflow.runtime import io
 from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import input_folder, load_params
@@ -184,8 +184,7 @@ def _provenance(p, metrics: dict) -> list[str]:
         lines = [f"Data: the embedded task (reasoning-gym, seed {p.seed}): {SPLITS}/*.jsonl"]
     else:
         lines = [f"Data: your files (data.source: files), read by prepare_data into {SPLITS}/:"]
-        for key, info in sorted(io.read_json(INPUTS).items()):
-            lines.append(f"{key} = {info['origin']}: {info['n_rows']} rows used, {info['n_quarantined']} quarantined")
+        lines += input_lines(io.read_json(INPUTS))
     pp = p.preference
     pairs = f"imported from {pp.import_path} ({pp.import_format})" if pp.judge == "import" else f"judge {pp.judge}"
     lines.append(f"Stage 2 preference pairs: {pairs}")

@@ -69,6 +69,56 @@ def test_refused_naming_the_key(tmp_path, key, value, message):
         check_params(params_file(tmp_path, _set(key, value)))
 
 
+def _files_source(tmp_path, monkeypatch, **fractions):
+    """Edit for params_file: data.source files on two small files under tmp_path/inputs (the cwd)."""
+    monkeypatch.chdir(tmp_path)
+    for kind, name in (("sft", "sft.jsonl"), ("prompts", "prompts.jsonl")):
+        (tmp_path / "inputs" / kind).mkdir(parents=True)
+        (tmp_path / "inputs" / kind / name).write_text('{"prompt": "q", "completion": "a"}\n')
+
+    def edit(raw):
+        raw["data"].update(source="files", sft="inputs/sft/sft.jsonl", prompts="inputs/prompts/prompts.jsonl")
+        raw["data"]["fractions"].update(fractions)
+        raw["benchmarks"]["tasks"] = ["dpoflow_text_cloze"]
+
+    return edit
+
+
+@pytest.mark.parametrize("heldout, rounds", [(0.5, 0.5), (0.3, 0.7), (0.4, 0.8)])
+def test_split_fractions_that_leave_no_stage_2_prompts_are_refused(tmp_path, monkeypatch, heldout, rounds):
+    # before: accepted here, then prepare_data stopped with split_rows' ValueError traceback
+    path = params_file(tmp_path, _files_source(tmp_path, monkeypatch, heldout=heldout, rounds=rounds))
+    total = f"{round(heldout + rounds, 9):g}"
+    message = rf"data\.fractions: heldout \+ rounds = {heldout} \+ {rounds} = {total} leaves no prompts for Stage 2"
+    with pytest.raises(ParamsError, match=message):
+        check_params(path)
+
+
+def test_split_fractions_below_one_pass(tmp_path, monkeypatch):
+    path = params_file(tmp_path, _files_source(tmp_path, monkeypatch, heldout=0.2, rounds=0.7))
+    assert check_params(path).data.fractions.rounds == 0.7
+
+
+def test_more_kl_prompts_than_embedded_heldout_prompts_are_refused(tmp_path):
+    def edit(raw):
+        raw["data"]["sizes"]["heldout"] = 20
+        raw["init"]["kl_prompts"] = 21
+
+    # before: accepted here, then Stage 3 stopped with a ValueError traceback after SFT and Stage 2 had run
+    with pytest.raises(
+        ParamsError, match=r"init\.kl_prompts: 21 is more than the 20 held-out prompts of data\.sizes\.heldout"
+    ):
+        check_params(params_file(tmp_path, edit))
+    assert check_params(params_file(tmp_path, _set("init.kl_prompts", 20))).init.kl_prompts == 20
+
+
+def test_the_checks_name_the_params_file_given(tmp_path):
+    path = tmp_path / "exp.yaml"
+    params_file(tmp_path, _set("model.base", "inputs/model/missing.gguf")).rename(path)
+    with pytest.raises(ParamsError, match=rf"^{path}: model\.base: inputs/model/missing\.gguf does not exist"):
+        check_params(path)
+
+
 @pytest.mark.e2e
 def test_a_typo_stops_an_up_to_date_pipeline_in_one_line(pipeline):
     params = pipeline / "params.yaml"

@@ -18,7 +18,7 @@ from dpoflow.eval.human import export_human_sheet, import_human_ratings, read_hu
 from dpoflow.eval.retention import retention
 from dpoflow.eval.win_rate import outcome_of, pairwise_judgments, win_rate
 from dpoflow.reporting.charts import bar_chart, line_chart, read_tsv
-from dpoflow.reporting.report import CURVES, ReportInputs, write_report
+from dpoflow.reporting.report import CURVES, ReportInputs, input_lines, write_report
 from dpoflow.runtime import io
 from dpoflow.runtime.params import CHIPS, parse_params
 
@@ -387,6 +387,20 @@ def test_report_renders_plots_and_decision(tmp_path):
     first = (root / "reports" / "report.html").read_bytes()
     decide_and_report(root, p)
     assert (root / "reports" / "report.html").read_bytes() == first
+
+
+def test_the_input_lines_add_up():
+    # prepare_data's inputs.json for 60 SFT rows of which one was screened out (the worked example's data.sft):
+    # n_rows counts the rows the reader accepted, before screening, and n_quarantined includes the screened one
+    inputs = {
+        "data.sft": {"origin": "inputs/sft/chat.jsonl", "n_input": 60, "n_rows": 60, "n_quarantined": 1},
+        "data.prompts": {"origin": "inputs/prompts/p.jsonl", "n_input": 44, "n_rows": 41, "n_quarantined": 5},
+    }
+    # before: "60 rows used, 1 quarantined" for 60 rows
+    assert input_lines(inputs) == [
+        "data.prompts = inputs/prompts/p.jsonl: 44 rows read: 39 used, 5 quarantined",
+        "data.sft = inputs/sft/chat.jsonl: 60 rows read: 59 used, 1 quarantined",
+    ]
 
 
 def test_svg_helpers_handle_empty_and_constant_data(tmp_path):

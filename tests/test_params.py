@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dpoflow.__main__ import cli
 from dpoflow.runtime.params import CHIPS, Params, ParamsError, load_params, parse_params
 from tests.pipeline_project import PROFILE, deep_merge
 
@@ -177,3 +179,23 @@ def test_a_stage_exits_1_with_the_message_and_writes_nothing(tmp_path):
     assert "Error: params.yaml: dpo.beta: 0.0 is not allowed; must be > 0" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_hub_inputs_names_stock_benchmark_tasks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "inputs" / "benchmarks").mkdir(parents=True)
+    (tmp_path / "inputs" / "benchmarks" / "mine.yaml").write_text("task: my_quiz\ndataset_path: json\n")
+    raw = with_value("benchmarks.tasks", ["dpoflow_text_cloze", "my_quiz"])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert CliRunner().invoke(cli, ["hub-inputs"]).output == ""  # local and user tasks: offline is fine
+    raw["benchmarks"]["tasks"] += ["hellaswag", "mmlu"]
+    raw["model"]["base"] = "owner/model"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    # before: only model.base, so `make run` went offline and lm-eval could not fetch the stock tasks' data
+    out = CliRunner().invoke(cli, ["hub-inputs"])
+    assert out.exit_code == 0
+    assert out.output.splitlines() == [
+        "model.base: owner/model",
+        "benchmarks.tasks: hellaswag",
+        "benchmarks.tasks: mmlu",
+    ]

@@ -10,14 +10,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from dpoflow.data.feedback import feedback_pairs
 from dpoflow.data.formats import load_pairs
 from dpoflow.data.human_labels import load_argilla, load_label_studio
 from dpoflow.data.pairs import DataFormatError, pair_id
+from dpoflow.data.prompts import prompt_of, sft_rows
 from dpoflow.data.rows import PREVIEW_CHARS, quarantine_preview
 from dpoflow.data.sources import load_prompts, load_sft_rows, split_rows
-from dpoflow.data.tasks import normalize_question
+from dpoflow.data.tasks import SYSTEM_PROMPT, build_splits, normalize_question, sft_row
+from dpoflow.pipeline import prepare
+from dpoflow.runtime.errors import UserError
+from dpoflow.runtime.params import parse_params
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "chat" / "inputs"
 
@@ -109,6 +114,34 @@ def test_sft_system_prompt_only_where_missing(tmp_path):
     assert rows[0]["prompt"] == [system("Own."), user("a")]
     assert rows[1]["prompt"] == [system("Default."), user("c")]
     assert rows[2]["prompt"] == []
+
+
+def test_sft_rows_put_the_system_prompt_first_as_prompt_of_does(tmp_path):
+    path = write_lines(
+        tmp_path / "sft.jsonl",
+        [
+            {"messages": [system("Own."), user("a"), assistant("b")]},
+            {"messages": [user("c"), assistant("d"), user("e"), assistant("f")]},
+            {"text": "g"},
+        ],
+    )
+    rows = load_sft_rows(path).rows
+    trained = sft_rows(rows, "Default.")
+    # before: a user's rows were trained without the system prompt Stages 2, 6 and 7 ask with
+    assert trained[1]["prompt"] == [system("Default."), user("c"), assistant("d"), user("e")]
+    assert trained[1]["prompt"] == prompt_of(rows[1], "Default.")
+    assert trained[0] == rows[0] and trained[2] == rows[2]  # its own system turn; a text row has no chat prompt
+    assert {k: v for k, v in trained[1].items() if k != "prompt"} == {k: v for k, v in rows[1].items() if k != "prompt"}
+    assert sft_rows(rows, None) == rows and sft_rows(rows, "") == rows
+    assert rows[1]["prompt"][0] == user("c")  # the split's rows are not changed in place
+
+
+def test_sft_rows_of_the_embedded_task_are_unchanged():
+    items = build_splits(sizes={"sft_train": 30, "sft_val": 10}, seed=0)
+    for split in ("sft_train", "sft_val"):
+        for system_prompt in (SYSTEM_PROMPT, None, "Other."):
+            expected = [sft_row(item, system_prompt) for item in items[split]]  # what sft_rows always gave them
+            assert json.dumps(sft_rows(items[split], system_prompt)) == json.dumps(expected)
 
 
 BAD_SFT = [
@@ -636,6 +669,42 @@ def test_split_rows_deterministic_and_disjoint():
     assert kept == [r for r in rows if r in kept]  # order kept
     with pytest.raises(ValueError):
         split_rows(rows, 1.5, seed=0)
+
+
+def files_params(tmp_path, monkeypatch, kl_prompts: int):
+    """Params of data.source files on 10 SFT rows, 60 prompts (a seeded tenth held out) and 10 eval prompts."""
+    inputs = tmp_path / "inputs"
+    for kind in ("sft", "prompts", "eval"):
+        (inputs / kind).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # the params name inputs/... relative to the project
+    write_lines(inputs / "sft" / "sft.jsonl", [{"prompt": f"Say {i}", "completion": str(i)} for i in range(10)])
+    write_lines(inputs / "prompts" / "prompts.jsonl", [{"prompt": f"Sum of {i} and {i + 1}"} for i in range(60)])
+    write_lines(inputs / "eval" / "eval.jsonl", [{"prompt": f"zebra {i} quokka"} for i in range(10)])
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["data"].update(
+        source="files",
+        sft="inputs/sft/sft.jsonl",
+        prompts="inputs/prompts/prompts.jsonl",
+        eval_prompts="inputs/eval/eval.jsonl",
+    )
+    raw["benchmarks"]["tasks"] = ["dpoflow_text_cloze"]
+    raw["init"]["kl_prompts"] = kl_prompts
+    return parse_params(raw)
+
+
+def test_prepare_stops_when_the_heldout_prompts_are_fewer_than_the_kl_prompts(tmp_path, monkeypatch):
+    n_heldout = len(prepare.from_files(files_params(tmp_path, monkeypatch, 1)).splits["heldout"])
+    assert 1 <= n_heldout < 32
+    # before: prepare_data passed, SFT and Stage 2 ran, then Stage 3 stopped with a ValueError traceback
+    message = (
+        rf"^init\.kl_prompts: 32 held-out prompts are needed for the KL measurements, but data\.prompts gives "
+        rf"{n_heldout} \(data\.fractions\.heldout 0\.1, after screening\); set init\.kl_prompts to at most {n_heldout}"
+    )
+    with pytest.raises(UserError, match=message):
+        prepare.from_files(files_params(tmp_path / "again", monkeypatch, 32))
+    assert (
+        len(prepare.from_files(files_params(tmp_path / "exact", monkeypatch, n_heldout)).splits["heldout"]) == n_heldout
+    )
 
 
 # ------------------------------------------------------------------------------------------------ examples

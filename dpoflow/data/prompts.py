@@ -45,6 +45,14 @@ def verify(item: Mapping[str, Any], response: str) -> float:
 
 
 def sft_rows(rows: Sequence[Mapping[str, Any]], system_prompt: str | None = SYSTEM_PROMPT) -> list[dict[str, Any]]:
-    """Canonical SFT examples ({"prompt", "completion"}) of the SFT split: a user's rows as they are, an embedded
-    task item as `sft_row`."""
-    return [dict(row) if "completion" in row else sft_row(row, system_prompt) for row in rows]
+    """Canonical SFT examples ({"prompt", "completion"}) of the SFT split: a user's row with `system_prompt` first
+    when its chat prompt has no system turn (`prompt_of`'s rule, so Stage 1 trains on prompts as Stages 2, 6 and 7
+    ask them; a `text` row has no chat prompt and stays as it is), an embedded task item as `sft_row`."""
+    return [_user_sft_row(row, system_prompt) if "completion" in row else sft_row(row, system_prompt) for row in rows]
+
+
+def _user_sft_row(row: Mapping[str, Any], system_prompt: str | None) -> dict[str, Any]:
+    out = dict(row)
+    if out.get("prompt"):
+        out["prompt"] = prompt_of(out, system_prompt)
+    return out

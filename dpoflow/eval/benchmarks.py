@@ -46,6 +46,13 @@ def user_tasks(folder: str | os.PathLike) -> list[str]:
     return names
 
 
+def non_local_tasks(names: Sequence[str], user_folder: str | os.PathLike) -> list[str]:
+    """The names that are neither dpoflow's local tasks (LOCAL_TASKS, written offline by prepare_data) nor defined
+    in `user_folder`: stock lm-eval tasks, whose datasets lm-eval fetches from the hub."""
+    local = set(LOCAL_TASKS) | set(user_tasks(user_folder))
+    return [name for name in names if name not in local]
+
+
 def _read_manifest(include_path: IncludePath) -> dict[str, dict[str, Any]]:
     """The local tasks' manifest (dpoflow.data.benchmark_tasks), from the first include path that has one."""
     for folder in _include_paths(include_path):

@@ -13,7 +13,7 @@ from typing import Any, get_type_hints
 from dpoflow.data import tasks
 from dpoflow.data.benchmark_tasks import LOCAL_TASKS
 from dpoflow.data.judges import JudgeError, PythonJudge
-from dpoflow.eval.benchmarks import user_tasks
+from dpoflow.eval.benchmarks import non_local_tasks
 from dpoflow.modeling.tiny import make_tiny_model
 from dpoflow.runtime.params import (
     INPUT_PARAMS,
@@ -54,8 +54,7 @@ def stock_tasks() -> set[str]:
 
 
 def check_benchmarks(p: Params) -> None:
-    known = set(LOCAL_TASKS) | set(user_tasks(input_folder(p, "benchmarks")))
-    unknown = [t for t in p.benchmarks.tasks if t not in known]
+    unknown = non_local_tasks(p.benchmarks.tasks, input_folder(p, "benchmarks"))
     if unknown and (missing := [t for t in unknown if t not in stock_tasks()]):
         raise ParamsError(
             f"params.yaml: benchmarks.tasks: {missing[0]!r} is not a local task ({', '.join(LOCAL_TASKS)}), a task "
@@ -92,6 +91,26 @@ def check_inputs(p: Params) -> None:
         raise ParamsError(f"params.yaml: model.base: {base} does not exist")
 
 
+def check_split_sizes(p: Params) -> None:
+    """The splits the params ask for can be made, so that prepare_data and Stage 3 do not stop on them later: with
+    data.source files heldout + rounds of data.prompts leave some for Stage 2; with the embedded task the held-out
+    split (data.sizes.heldout) has the init.kl_prompts KL prompts. (With data.source files the held-out count is
+    known only after reading the files: prepare_data checks it.)"""
+    f = p.data.fractions
+    total = round(f.heldout + f.rounds, 9)  # 0.1 + 0.9 is not exactly 1 in binary
+    if p.data.source == "files" and total >= 1:
+        raise ParamsError(
+            f"params.yaml: data.fractions: heldout + rounds = {f.heldout} + {f.rounds} = {total:g} leaves no "
+            "prompts for Stage 2; keep data.fractions.heldout + data.fractions.rounds below 1"
+        )
+    heldout = p.data.sizes.get("heldout", 0)
+    if p.data.source == "embedded" and p.init.kl_prompts > heldout:
+        raise ParamsError(
+            f"params.yaml: init.kl_prompts: {p.init.kl_prompts} is more than the {heldout} held-out prompts of "
+            "data.sizes.heldout (Stage 3 measures KL on them); lower init.kl_prompts or raise data.sizes.heldout"
+        )
+
+
 def check_judges(p: Params) -> None:
     for stage in ("preference", "iterate", "evaluate"):
         spec = p.stage_judge(stage)
@@ -109,9 +128,16 @@ def check_params(path: str | Path) -> Params:
     if missing:
         raise ParamsError(f"{path}: {missing[0]}: missing; every key is set in {path} (the one place of defaults)")
     p = load_params(path)
-    check_tiny(p)
-    check_embedded_tasks(p)
-    check_inputs(p)
-    check_judges(p)
-    check_benchmarks(p)
+    try:
+        check_tiny(p)
+        check_embedded_tasks(p)
+        check_split_sizes(p)
+        check_inputs(p)
+        check_judges(p)
+        check_benchmarks(p)
+    except ParamsError as err:  # the checks name params.yaml, as load_params does: say which file (--params)
+        message = str(err)
+        if message.startswith("params.yaml:"):
+            raise ParamsError(f"{path}{message.removeprefix('params.yaml')}") from None
+        raise
     return p

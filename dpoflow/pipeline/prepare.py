@@ -25,6 +25,7 @@ from dpoflow.data import tasks
 from dpoflow.data.decontamination import EvalIndex
 from dpoflow.data.reading import RowsLoad
 from dpoflow.data.sources import load_prompts, load_sft_rows, split_rows
+from dpoflow.runtime.errors import UserError
 from dpoflow.runtime.params import SPLITS, Params
 
 # Salt per split, so the held-out fractions are independent draws of the seed.
@@ -124,4 +125,16 @@ def from_files(p: Params) -> PreparedData:
             if str(row["location"]).startswith(origin) and row["reason"].startswith("contaminated")
         )
         inputs[key]["n_quarantined"] += extra
+    _check_kl_prompts(p, len(splits["heldout"]))
     return PreparedData({name: splits[name] for name in SPLITS}, quarantined, inputs)
+
+
+def _check_kl_prompts(p: Params, n_heldout: int) -> None:
+    """Stage 3 and every KL measurement after it read the first init.kl_prompts held-out prompts: stop here,
+    before SFT runs, when the user's prompts give fewer (check_params cannot know how many a fraction gives)."""
+    if n_heldout < p.init.kl_prompts:
+        raise UserError(
+            f"init.kl_prompts: {p.init.kl_prompts} held-out prompts are needed for the KL measurements, but "
+            f"data.prompts gives {n_heldout} (data.fractions.heldout {p.data.fractions.heldout}, after "
+            f"screening); set init.kl_prompts to at most {n_heldout}, or raise data.fractions.heldout or add prompts"
+        )

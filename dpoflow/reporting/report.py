@@ -50,6 +50,19 @@ class ReportInputs:
     qualitative: Sequence[Mapping[str, Any]] = ()  # side-by-side rows (reporting.qualitative.qualitative_rows)
 
 
+def input_lines(inputs: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One provenance line per file of data.source files (prepare_data's inputs.json). Its `n_rows` counts the rows
+    the reader accepted, before the screening that quarantined some of them; `n_quarantined` counts both, so the
+    rows used are the rows read less the quarantined ones."""
+    lines = []
+    for key, info in sorted(inputs.items()):
+        used = info["n_input"] - info["n_quarantined"]
+        lines.append(
+            f"{key} = {info['origin']}: {info['n_input']} rows read: {used} used, {info['n_quarantined']} quarantined"
+        )
+    return lines
+
+
 def collect(inputs: ReportInputs) -> dict:
     p = inputs.params
     files = {
