@@ -5,8 +5,9 @@
     python benchmarks/power_table.py --time tiny          # + the same on the tiny random model (~1 min)
 
 Writes benchmarks/results/power_table.json and benchmarks/results/power_table.md (the markdown tables that
-docs/capability-assessment.md quotes). With --time, the seconds per document are measured on this machine and
-replace the documented estimates in the cost arithmetic; without it the last measured ones in the JSON are kept.
+docs/capability-assessment.md quotes). The cost arithmetic uses the per-document seconds documented for SmolLM2
+(ESTIMATED_S_PER_DOC); --time measures them on this machine and records them beside it (a shared machine inflates
+wall time, so the measurement is a cross-check, not the basis); without --time the last measurement is kept.
 
 The power of the gate (dpoflow.eval.significance): a task of baseline accuracy p0 scored on n documents has a
 retention estimate with standard error se = sqrt(v / n) / p0 (delta method near 100 %), v the per-document variance
@@ -50,10 +51,19 @@ TASKS = {
     "dpoflow_text_cloze": {"kind": "loglikelihood", "baseline": 0.45, "available": 200, "discordance": 0.10},
 }
 DISCORDANCES = (0.05, 0.10, 0.20)
-# Seconds per document on SmolLM2-135M, 2 CPU cores, batch 16, before measuring (dpoflow/data/benchmark_tasks.py:
-# task_gen 76 s / 200, task_mc 31 s / 100, text_cloze 189 s / 200 under load; the issue's estimates 0.4 and 0.15-0.3)
-ESTIMATED_S_PER_DOC = {"dpoflow_task_gen": 0.4, "dpoflow_task_mc": 0.3, "dpoflow_text_cloze": 0.95}
-RECOMMENDED = {"dpoflow_task_gen": 200, "dpoflow_task_mc": 100, "dpoflow_text_cloze": 200}
+# Wall seconds per document on SmolLM2-135M, 2 CPU cores, batch 16, as documented in dpoflow/data/benchmark_tasks.py
+# (task_gen 76 s / 200 docs, task_mc 31 s / 100, text_cloze 189 s / 200): the cost basis. A cloze document is four
+# ~2-sentence continuations scored after a 2-sentence context, ~4x the tokens of a task_mc document (a short question,
+# four numbers), hence ~3x the time; the issue's 0.15-0.3 s fits task_mc, not text_cloze.
+ESTIMATED_S_PER_DOC = {"dpoflow_task_gen": 0.38, "dpoflow_task_mc": 0.31, "dpoflow_text_cloze": 0.95}
+RECOMMENDED = {"dpoflow_task_gen": 150, "dpoflow_task_mc": 100, "dpoflow_text_cloze": 100}
+OPTIONS = {
+    "today": dict.fromkeys(TASKS, TODAY),
+    "recommended": RECOMMENDED,
+    "B": {"dpoflow_task_gen": 200, "dpoflow_task_mc": 100, "dpoflow_text_cloze": 100},
+    "C": {"dpoflow_task_gen": 200, "dpoflow_task_mc": 100, "dpoflow_text_cloze": 200},
+    "all documents": {t: TASKS[t]["available"] for t in TASKS} | {"dpoflow_text_cloze": 294},
+}
 
 
 def variance(task: dict, discordance: float | None) -> float:
@@ -118,13 +128,21 @@ def analytic() -> dict:
     pooled = {
         name: {
             "equal_n_for_half_width_5pp": equal_n_for_half_width(disc, HALF_WIDTH_PP),
-            "today": gate_probabilities(dict.fromkeys(TASKS, TODAY), disc, MIN_RETENTION),
-            "recommended": gate_probabilities(RECOMMENDED, disc, MIN_RETENTION),
-            "recommended_margin_90": gate_probabilities(RECOMMENDED, disc, 90.0),
+            "recommended_at_95": gate_probabilities(RECOMMENDED, disc, MIN_RETENTION),
+            "recommended_at_90": gate_probabilities(RECOMMENDED, disc, 90.0),
         }
         for name, disc in scenarios.items()
     }
-    return {"per_task": per_task, "pooled": pooled}
+    options = {
+        name: {
+            "limits": limits,
+            "at_95": gate_probabilities(limits, assumed, MIN_RETENTION),
+            "at_90": gate_probabilities(limits, assumed, 90.0),
+            "cost": cost(limits, ESTIMATED_S_PER_DOC),
+        }
+        for name, limits in OPTIONS.items()
+    }
+    return {"per_task": per_task, "pooled": pooled, "options": options}
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -199,24 +217,42 @@ def markdown(result: dict) -> str:
         for n, row in task["min_detectable_regression_pct"].items():
             lines.append(f"| {n} | " + " | ".join(f"{v:.1f}" for v in row.values()) + " |")
         lines.append("")
-    lines.append("Pooled retention gate (mean of the three task ratios), normal approximation:")
+    lines.append(
+        "Pooled retention (mean of the three task ratios), normal approximation: the same n for every task that "
+        "gives a 95 % interval of +-5 points, and the gate at the recommended limits "
+        f"{'/'.join(str(n) for n in RECOMMENDED.values())}, per discordance assumption:"
+    )
     lines.append("")
     lines.append(
-        "| discordance | equal n for +-5 pp | limits | half-width (pp) | P(pass, unchanged) at 95 | "
-        "P(fail, -10 %) at 95 | P(pass, unchanged) at 90 | P(fail, -10 %) at 90 |"
+        "| discordance | equal n for +-5 pp | half-width (pp) | P(pass, unchanged) ci_low>=95 | "
+        "P(pass, unchanged) ci_low>=90 | P(fail, -10 %) ci_low>=90 |"
     )
-    lines.append("|---|---:|---|---:|---:|---:|---:|---:|")
+    lines.append("|---|---:|---:|---:|---:|---:|")
     for name, row in result["pooled"].items():
-        for label, key in (("20 each", "today"), ("recommended", "recommended")):
-            g = row[key]
-            g90 = row["recommended_margin_90"] if key == "recommended" else None
-            lines.append(
-                f"| {name} | {row['equal_n_for_half_width_5pp']} | {label} | {g['pooled_half_width_pp']:.1f} | "
-                f"{g['p_pass_unchanged']:.2f} | {g['p_fail_regressed_10pct']:.2f} | "
-                + (f"{g90['p_pass_unchanged']:.2f} | {g90['p_fail_regressed_10pct']:.2f} |" if g90 else "- | - |")
-            )
+        g95, g90 = row["recommended_at_95"], row["recommended_at_90"]
+        lines.append(
+            f"| {name} | {row['equal_n_for_half_width_5pp']} | {g95['pooled_half_width_pp']:.1f} | "
+            f"{g95['p_pass_unchanged']:.2f} | {g90['p_pass_unchanged']:.2f} | {g90['p_fail_regressed_10pct']:.2f} |"
+        )
     lines.append("")
-    lines.append(f"Recommended limits: {result['recommended']}.")
+    lines.append(
+        "Per-task limit options (task_gen/task_mc/text_cloze), assumed discordance, cost at "
+        f"{'/'.join(str(v) for v in ESTIMATED_S_PER_DOC.values())} s per document over today's {TODAY}:"
+    )
+    lines.append("")
+    lines.append(
+        "| option | limits | half-width (pp) | P(pass, unchanged) at 95 / 90 | P(fail, -10 %) at 95 / 90 | "
+        "added s per stage | Stage 1 + 7 |"
+    )
+    lines.append("|---|---|---:|---:|---:|---:|---:|")
+    for name, o in result["options"].items():
+        a, b, c = o["at_95"], o["at_90"], o["cost"]
+        lines.append(
+            f"| {name} | {'/'.join(str(n) for n in o['limits'].values())} | {a['pooled_half_width_pp']:.1f} | "
+            f"{a['p_pass_unchanged']:.2f} / {b['p_pass_unchanged']:.2f} | "
+            f"{a['p_fail_regressed_10pct']:.2f} / {b['p_fail_regressed_10pct']:.2f} | {c['per_stage_s']:.0f} | "
+            f"{c['stage1_plus_stage7_s']:.0f} |"
+        )
     timing = result.get("timing")
     if timing:
         lines.append("")
@@ -229,14 +265,6 @@ def markdown(result: dict) -> str:
                 f"| {t} | {row['wall_s_per_doc']:.3f} | {row['cpu_s_per_doc']:.3f} | "
                 f"{row['log_samples_overhead_wall_s']:.2f} |"
             )
-    c = result["cost"]
-    lines.append("")
-    lines.append(
-        f"Added wall time at the recommended limits ({c['source']} s/doc): "
-        + ", ".join(f"{t} {s:.0f} s" for t, s in c["recommended"]["per_task_s"].items())
-        + f"; {c['recommended']['per_stage_s']:.0f} s per stage, "
-        f"{c['recommended']['stage1_plus_stage7_s']:.0f} s for Stage 1 + Stage 7 (budget {BUDGET_S:.0f} s)."
-    )
     return "\n".join(lines) + "\n"
 
 
@@ -246,7 +274,18 @@ def main() -> None:
     ap.add_argument("--low", type=int, default=20)
     ap.add_argument("--high", type=int, default=80)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument(
+        "--discordance",
+        type=float,
+        nargs=len(TASKS),
+        metavar="D",
+        help="the observed discordant fraction of each task (task_gen task_mc text_cloze: retention_tasks' "
+        "discordant / n of a real run) in place of the assumed ones",
+    )
     args = ap.parse_args()
+    if args.discordance:
+        for task, d in zip(TASKS, args.discordance):
+            TASKS[task]["discordance"] = d
     json_path = RESULTS / "power_table.json"
     previous = json.loads(json_path.read_text()) if json_path.is_file() else {}
     result = analytic()
@@ -254,15 +293,7 @@ def main() -> None:
     timing = measure(args.time, args.low, args.high, args.batch_size) if args.time else previous.get("timing")
     if timing:
         result["timing"] = timing
-    measured = timing and timing["model"] == "smollm2"
-    s_per_doc = (
-        {t: max(0.0, r["wall_s_per_doc"]) for t, r in timing["tasks"].items()} if measured else ESTIMATED_S_PER_DOC
-    )
-    result["cost"] = {
-        "source": "measured (smollm2)" if measured else "estimated",
-        "s_per_doc": s_per_doc,
-        "recommended": cost(RECOMMENDED, s_per_doc),
-    }
+    result["cost_basis_s_per_doc"] = ESTIMATED_S_PER_DOC
     RESULTS.mkdir(exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     (RESULTS / "power_table.md").write_text(markdown(result))

@@ -16,7 +16,7 @@ from dpoflow.eval.retention import detectable_lines, paired_benchmark_retention,
 # discordance assumed in benchmarks/power_table.py, and the recommended per-task limits (benchmarks.limit).
 BASELINE = {"dpoflow_task_gen": 0.80, "dpoflow_task_mc": 0.50, "dpoflow_text_cloze": 0.45}
 DISCORDANCE = {"dpoflow_task_gen": 0.15, "dpoflow_task_mc": 0.10, "dpoflow_text_cloze": 0.10}
-RECOMMENDED = {"dpoflow_task_gen": 200, "dpoflow_task_mc": 100, "dpoflow_text_cloze": 200}
+RECOMMENDED = {"dpoflow_task_gen": 150, "dpoflow_task_mc": 100, "dpoflow_text_cloze": 100}
 GATE = 90.0  # the retention_ci_low threshold these sizes support (docs/quality-thresholds.md)
 SEEDS = range(200)
 BOOT = 300
@@ -119,26 +119,27 @@ def test_retention_gate_is_non_inferiority_on_the_lower_bound():
 
 def test_pooled_and_per_task_intervals_cover_a_known_retention():
     """True retention 93 % on every task (so 93 % pooled), the recommended sizes: the 95 % intervals cover it at
-    about their nominal rate (200 seeds: a binomial 95 % band is about 0.92-0.98)."""
+    about their nominal rate (200 seeds: a binomial 95 % band is about 0.92-0.98; the percentile bootstrap of a
+    ratio on 100 documents runs a little below nominal, 0.90-0.94 per task here)."""
     results = gate_results(0.93, GATE)
     pooled = np.mean([r["retention_ci_low"] <= 93.0 <= r["retention_ci_high"] for r in results])
     assert 0.90 <= pooled <= 0.99, pooled
     for task in BASELINE:
         rows = [r["retention_tasks"][task] for r in results]
         rate = np.mean([row["ci_low"] <= 93.0 <= row["ci_high"] for row in rows])
-        assert 0.89 <= rate <= 0.99, (task, rate)
+        assert 0.87 <= rate <= 0.99, (task, rate)
 
 
 # ------------------------------------------------------------------------------------------------ power
 
 
 def test_ten_percent_regression_fails_and_no_regression_passes_at_the_recommended_sizes():
-    """At the recommended limits (200 / 100 / 200) and the gate retention_ci_low >= 90: a 10 % regression on every
-    task fails (normal approximation: 97.5 %), an unchanged model passes most of the time (~93 %)."""
+    """At the recommended limits (150 / 100 / 100) and the gate retention_ci_low >= 90: a 10 % regression on every
+    task fails (normal approximation: 97.5 %; 97 % here), an unchanged model passes most of the time (83 %; 85 %)."""
     regressed = gate_results(0.90, GATE)
     assert np.mean([r["retention_gate"]["passed"] == 0 for r in regressed]) >= 0.9
     unchanged = gate_results(1.00, GATE)
-    assert np.mean([r["retention_gate"]["passed"] == 1 for r in unchanged]) >= 0.85
+    assert np.mean([r["retention_gate"]["passed"] == 1 for r in unchanged]) >= 0.75
     # the same sizes cannot hold a 95 % lower bound: an unchanged model would fail more often than it passes
     assert np.mean([r["retention_ci_low"] >= 95.0 for r in unchanged]) < 0.6
 
