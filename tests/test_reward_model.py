@@ -22,6 +22,7 @@ from dpoflow.core.batching import encode_pair
 from dpoflow.core.losses import bradley_terry_loss
 from dpoflow.data.pairs import make_pair, write_pairs
 from dpoflow.eval.gates import evaluate_gate
+from dpoflow.eval.statistics import wilson_interval
 from dpoflow.modeling.loading import load_model, model_hash
 from dpoflow.modeling.reward_model import (
     HEAD_FILE,
@@ -135,6 +136,11 @@ def test_learns_planted_preference(trained):
     assert evaluate_gate(
         "reward_model", {"rm_accuracy": m["val_accuracy"], "rm_overfit_gap": m["overfit_gap"]}, Params()
     ).passed
+    # the validation accuracy's Wilson interval over the validation pairs (ties half), issue 22
+    assert m["val_accuracy_n"] == m["n_val"]
+    assert m["val_accuracy_ci_low"] <= m["val_accuracy"] <= m["val_accuracy_ci_high"]
+    low, high = wilson_interval(m["val_accuracy"] * m["n_val"], m["n_val"], 0.95)
+    assert (m["val_accuracy_ci_low"], m["val_accuracy_ci_high"]) == (pytest.approx(low), pytest.approx(high))
 
 
 def test_training_is_deterministic(tiny_model_dir):

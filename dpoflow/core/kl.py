@@ -96,7 +96,9 @@ def policy_reference_kl(
     ref: nn.Module | RefLogitsFn,
     batch: SeqBatch,
     max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS,
-) -> dict[str, float]:
+    *,
+    per_sequence: bool = False,
+) -> dict:
     """KL(policy || reference) on `batch`, as python floats (a metric: no gradient).
 
     `ref` is either the reference model, or a callable `ref_logits_fn(sub_batch) -> [P, V]` returning the reference
@@ -104,7 +106,9 @@ def policy_reference_kl(
     dpoflow.core.logprobs.full_logits_at(policy_model, sub_batch)). Rows are processed in chunks so that at most
     max_logit_elements logits per model exist at once (the vocabulary can be 49k).
 
-    Returns {"kl_mean_per_token", "kl_seq_mean", "k3", "n_tokens"} (definitions in the module docstring).
+    Returns {"kl_mean_per_token", "kl_seq_mean", "k3", "n_tokens"} (definitions in the module docstring); with
+    `per_sequence`, also "kl_per_sequence" (sum_t KL_{i,t} of each row, a list of floats) and "tokens_per_sequence"
+    (each row's completion tokens), so that a caller can resample sequences or prompts (dpoflow.eval.measure).
     """
     if isinstance(ref, nn.Module):
         ref_model = ref
@@ -130,9 +134,13 @@ def policy_reference_kl(
         k3_sum += float(k3_chunk)
 
     n_tokens = int(batch.completion_lengths.sum())
-    return {
+    out = {
         "kl_mean_per_token": float(seq_kl.sum() / max(n_tokens, 1)),
         "kl_seq_mean": float(seq_kl.mean()),
         "k3": k3_sum / max(n_tokens, 1),
         "n_tokens": n_tokens,
     }
+    if per_sequence:
+        out["kl_per_sequence"] = seq_kl.tolist()
+        out["tokens_per_sequence"] = [int(n) for n in batch.completion_lengths.tolist()]
+    return out

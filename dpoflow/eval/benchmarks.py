@@ -4,12 +4,24 @@ Why the Python API: `mlx_lm.evaluate`'s CLI has no include-path flag and fails w
 path containing "/", and plain `lm_eval --model mlxlm` cannot find the model class (it is registered only when
 `mlx_lm.evaluate` is imported). Here the model is loaded once and every task runs in-process. The local tasks
 (what they measure, their scores) are described in dpoflow.data.benchmark_tasks.
+
+Two entry points run the same evaluation: `run_benchmarks` returns each task's flat metrics, and
+`run_benchmarks_per_document` adds each document's score (lm-eval's `log_samples`), which the paired retention gate
+(dpoflow.eval.retention.paired_benchmark_retention) needs: the baseline and the final model scored on the SAME
+documents. A document's score is the per-sample value of the task's score metric (acc / acc_norm for the
+multiple-choice tasks, exact_match / pass_at_1 for the generation tasks), listed in doc_id order; their mean is the
+flat score.
+
+    results = run_benchmarks_per_document(model, tasks, include_path, limit={"dpoflow_task_gen": 200}, seed=0)
+    results["dpoflow_task_mc"]["docs"]      # [{"doc_id": 0, "score": 1.0}, {"doc_id": 1, "score": 0.0}, ...]
+    document_scores(results)                # {task: [score of doc 0, score of doc 1, ...]}
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -27,6 +39,8 @@ from dpoflow.data.tasks import SYSTEM_PROMPT
 log = logging.getLogger(__name__)
 # One folder of task YAMLs, or several (the local tasks first, then the user's own).
 IncludePath = str | os.PathLike | Sequence[str | os.PathLike] | None
+# One limit for every task, or {task: limit} (a task missing from the mapping runs in full).
+Limit = int | float | None | Mapping[str, int | float | None]
 
 
 def _include_paths(include_path: IncludePath) -> list[Path]:
@@ -73,20 +87,53 @@ def _flatten(task_results: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _flat_score(task: str, metrics: Mapping[str, float], manifest: Mapping[str, Any]) -> float | None:
+def _score_key(task: str, metrics: Mapping[str, float], manifest: Mapping[str, Any]) -> str | None:
+    """The flattened metric name that is the task's flat `score` (see `SCORE_METRIC`), or None."""
     wanted = manifest.get(task, {}).get("score_metric") or SCORE_METRIC.get(task)
     order = (wanted,) if wanted else STOCK_SCORE_PREFERENCE
-    for name in order:
-        if name in metrics:
-            return metrics[name]
-    return None
+    return next((name for name in order if name in metrics), None)
+
+
+def _documents(task: str, samples: Sequence[Mapping[str, Any]], score_key: str) -> list[dict[str, Any]] | None:
+    """[{"doc_id", "score"}] in doc_id order: the per-sample value of `score_key` ("metric" or "metric,filter",
+    as `_flatten` names it) from lm-eval's logged samples (one per document and filter). None when the metric has
+    no numeric per-document value (corpus-level metrics such as BLEU log tuples that only their aggregation reads)."""
+    metric, _, filt = score_key.partition(",")
+    filt = filt or "none"
+    by_id: dict[int, float] = {}
+    for sample in samples:
+        if sample.get("filter", "none") != filt:
+            continue
+        value = sample.get(metric)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return None
+        doc_id = int(sample["doc_id"])
+        if doc_id in by_id:
+            raise ValueError(f"{task}: lm-eval logged document {doc_id} twice for filter {filt!r}")
+        by_id[doc_id] = float(value)
+    return [{"doc_id": i, "score": by_id[i]} for i in sorted(by_id)]
+
+
+def _task_limit(limit: Limit, task: str) -> int | float | None:
+    return limit.get(task) if isinstance(limit, Mapping) else limit
+
+
+def document_scores(results: Mapping[str, Mapping[str, Any]]) -> dict[str, list[float]]:
+    """{task: [score of each document, in doc_id order]} from `run_benchmarks_per_document`'s result (tasks without
+    per-document scores are left out): the input of statistics.paired_retention."""
+    return {t: [float(d["score"]) for d in r["docs"]] for t, r in results.items() if r.get("docs") is not None}
+
+
+def flat_scores(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """{task: flat score} (the `score` key; tasks without one are left out): the input of retention.retention."""
+    return {t: float(r["score"]) for t, r in results.items() if r.get("score") is not None}
 
 
 def run_benchmarks(
     model_path: str | os.PathLike,
     task_names: list[str],
     include_path: IncludePath,
-    limit: int | float | None | Mapping[str, int | float | None] = None,
+    limit: Limit = None,
     seed: int = 0,
     batch_size: int = 8,
     *,
@@ -97,9 +144,11 @@ def run_benchmarks(
     """Evaluate the mlx-lm model at `model_path` on `task_names`; returns {task: {metric: value, ..., "score"}}.
 
     `score` is the flat retention number (see `SCORE_METRIC` / module docstring); `n_samples` is how many
-    documents were scored (after `limit`, which lm-eval applies per task to the first documents; a mapping
-    gives each task its own limit -- cheap log-likelihood tasks can afford many more documents than HumanEval;
-    tasks missing from the mapping run in full).
+    documents were scored. `limit` is applied by lm-eval to each task's first documents (document order is the
+    task's own, so the same limit scores the same documents for every model): an int (that many documents), a float
+    in (0, 1) (that fraction), None (all), or a mapping {task: int | float | None} giving each task its own limit --
+    cheap log-likelihood tasks can afford many more documents than HumanEval. A task missing from the mapping runs
+    in full; a mapping key that is not in `task_names` is ignored with a warning (a misspelt task name?).
     Deterministic: greedy decoding, all lm-eval/numpy/MLX seeds set from `seed`.
 
     Local tasks whose manifest says `chat_template` (dpoflow_task_gen, dpoflow_humaneval_chat) run with the
@@ -110,6 +159,70 @@ def run_benchmarks(
     HF_HUB_OFFLINE unless they are already set. `confirm_run_unsafe_code` lets dpoflow_humaneval execute
     generated code (in a limited subprocess).
     """
+    return _evaluate(
+        model_path,
+        task_names,
+        include_path,
+        limit,
+        seed,
+        batch_size,
+        system_prompt=system_prompt,
+        confirm_run_unsafe_code=confirm_run_unsafe_code,
+        offline=offline,
+        log_samples=False,
+    )
+
+
+def run_benchmarks_per_document(
+    model_path: str | os.PathLike,
+    task_names: list[str],
+    include_path: IncludePath,
+    limit: Limit = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    *,
+    system_prompt: str | None = None,
+    confirm_run_unsafe_code: bool = True,
+    offline: bool | None = None,
+) -> dict[str, dict[str, Any]]:
+    """`run_benchmarks` (same arguments, same evaluation, same flat metrics) plus, per task, each document's score:
+
+        {task: {...flat metrics, "score", "n_samples", "doc_metric": "acc_norm",
+                "docs": [{"doc_id": 0, "score": 1.0}, {"doc_id": 1, "score": 0.0}, ...]}}
+
+    `docs` is in doc_id order (deterministic: the same documents and scores for the same model, limit and seed) and
+    its mean is `score`; `doc_metric` names the metric (lm-eval's "metric" or "metric,filter"). `docs` is None for
+    a task whose score metric has no per-document value (corpus-level metrics). The cost over `run_benchmarks` is
+    only lm-eval keeping the samples in memory."""
+    return _evaluate(
+        model_path,
+        task_names,
+        include_path,
+        limit,
+        seed,
+        batch_size,
+        system_prompt=system_prompt,
+        confirm_run_unsafe_code=confirm_run_unsafe_code,
+        offline=offline,
+        log_samples=True,
+    )
+
+
+def _evaluate(
+    model_path: str | os.PathLike,
+    task_names: list[str],
+    include_path: IncludePath,
+    limit: Limit,
+    seed: int,
+    batch_size: int,
+    *,
+    system_prompt: str | None,
+    confirm_run_unsafe_code: bool,
+    offline: bool | None,
+    log_samples: bool,
+) -> dict[str, dict[str, Any]]:
+    if isinstance(limit, Mapping) and set(limit) - set(task_names):
+        log.warning("limit names task(s) %s that are not run: a misspelt name?", sorted(set(limit) - set(task_names)))
     manifest = _read_manifest(include_path)
     unknown_local = [t for t in task_names if t in LOCAL_TASKS and t not in manifest]
     if unknown_local:
@@ -147,10 +260,10 @@ def run_benchmarks(
     for task in task_names:
         chat = bool(manifest.get(task, {}).get("chat_template")) and has_chat
         system = chat and bool(manifest.get(task, {}).get("system_prompt"))
-        task_limit = limit.get(task) if isinstance(limit, Mapping) else limit
+        task_limit = _task_limit(limit, task)
         groups.setdefault((chat, system, task_limit), []).append(task)
 
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for (chat, system, task_limit), tasks in groups.items():
         lm.use_chat_template = chat  # MLXLM tokenizes without special tokens when a chat template is used
         start = time.perf_counter()
@@ -168,16 +281,21 @@ def run_benchmarks(
             fewshot_random_seed=seed,
             confirm_run_unsafe_code=confirm_run_unsafe_code,
             bootstrap_iters=1000,
-            log_samples=False,
+            log_samples=log_samples,
         )
         log.info("lm-eval %s (chat=%s): %.1f s", tasks, chat, time.perf_counter() - start)
         n_samples = result.get("n-samples", {})
+        samples = result.get("samples") or {}
         for task, task_results in result["results"].items():
-            metrics = _flatten(task_results)
+            metrics: dict[str, Any] = _flatten(task_results)
             if task in n_samples:
                 metrics["n_samples"] = float(n_samples[task].get("effective", 0))
-            score = _flat_score(task, metrics, manifest)
-            if score is not None:
-                metrics["score"] = score
+            key = _score_key(task, metrics, manifest)
+            if key is not None:
+                metrics["score"] = metrics[key]
+            if log_samples:
+                metrics["doc_metric"] = key
+                # a group's own row (stock lm-eval groups such as mmlu) has no samples: its subtasks do
+                metrics["docs"] = _documents(task, samples[task], key) if key and task in samples else None
             out[task] = metrics
     return out

@@ -8,6 +8,11 @@ KL (the one definition, dpoflow.core.kl): exact mean per-token KL(policy || refe
 every position of completions SAMPLED FROM THE POLICY (temperature 1.0) on the held-out prompts (`measure_kl`).
 Held-out gap: mean_i (2 sigma(m_i) - 1) over held-out pairs, m_i the beta-scaled implicit reward margin against
 the cached reference log-probs (core.losses.heldout_preference_gap).
+
+Intervals (dpoflow.eval.intervals), when a `confidence` is passed: greedy accuracy always carries its Wilson interval
+(accuracy_ci_low / accuracy_ci_high / accuracy_n); measure_kl, heldout_metrics and measure_policy add
+<name>_ci_low / <name>_ci_high / <name>_n for the KL (bootstrap over prompts: a prompt's samples together), the
+held-out gap (bootstrap over pairs) and the held-out accuracy (Wilson), seeded by the probe's seed.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ from dpoflow.core.losses import (
 )
 from dpoflow.data import tasks
 from dpoflow.data.prompts import is_task_item, prompt_of, verify
+from dpoflow.eval.intervals import heldout_gap_metrics, kl_metrics, pair_accuracy_metrics, proportion_metrics
+from dpoflow.eval.significance import CONFIDENCE
+from dpoflow.eval.statistics import SAMPLES
 from dpoflow.modeling import lora
 from dpoflow.modeling.generation import generate
 from dpoflow.runtime.params import Params
@@ -71,6 +79,19 @@ def sample_completions(
     Sampling reseeds MLX's global random state, and mlx 0.32 cannot restore a saved one; afterwards the global
     state is reseeded from what it was before, so the caller's random stream stays a function of its own history.
     """
+    return _sample_rows(policy, tokenizer, prompts, seed, n_samples, max_tokens, batch_size)[0]
+
+
+def _sample_rows(
+    policy: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[Mapping[str, str]]],
+    seed: int,
+    n_samples: int,
+    max_tokens: int,
+    batch_size: int,
+) -> tuple[SeqBatch, list[int]]:
+    """sample_completions' batch and, per row, the index of its prompt (empty completions are dropped)."""
     before = np.asarray(mx.random.state[0]).astype(np.uint64)
     try:
         gens = generate(
@@ -87,17 +108,18 @@ def sample_completions(
     finally:
         mx.random.seed(int((before[0] << np.uint64(32)) | before[1]) % (2**63))
     eos = int(tokenizer.eos_token_id)
-    prompt_rows, completion_rows = [], []
-    for messages, samples, finished in zip(prompts, gens.token_ids, gens.finished):
+    prompt_rows, completion_rows, prompt_of_row = [], [], []
+    for index, (messages, samples, finished) in enumerate(zip(prompts, gens.token_ids, gens.finished)):
         prompt_ids = encode_prompt(tokenizer, messages)
         for ids, done in zip(samples, finished):
             completion = list(ids) + ([eos] if done else [])
             if completion:
                 prompt_rows.append(prompt_ids)
                 completion_rows.append(completion)
+                prompt_of_row.append(index)
     if not completion_rows:
         raise ValueError("the policy produced no completion tokens for the KL prompts")
-    return collate_sequences(prompt_rows, completion_rows, pad_id(tokenizer))
+    return collate_sequences(prompt_rows, completion_rows, pad_id(tokenizer)), prompt_of_row
 
 
 def measure_kl(
@@ -109,19 +131,25 @@ def measure_kl(
     n_samples: int,
     max_tokens: int,
     batch_size: int = 64,
-) -> dict[str, float]:
+    *,
+    confidence: float | None = None,
+    bootstrap_samples: int = SAMPLES,
+) -> dict:
     """KL(policy || reference), the one definition (module docstring), on policy samples of `prompts`.
 
     `reference` is the reference model, or None meaning "the policy's own LoRA adapters disabled".
     Returns {"kl": mean per-token KL, "kl_seq": mean per-sequence KL, "k3": Schulman's k3 estimate,
-    "n_tokens": completion tokens measured}.
+    "n_tokens": completion tokens measured}. With a `confidence`, also "kl_ci_low", "kl_ci_high" (percentile
+    bootstrap over prompts, `bootstrap_samples` resamples seeded by `seed`: intervals.kl_metrics), "kl_n" (prompts),
+    "kl_sequences", and the lists "kl_per_sequence", "tokens_per_sequence", "prompt_of_sequence" (one entry per
+    sampled sequence, prompt = index into `prompts`).
     """
     if reference is None and not lora.has_lora(policy):
         raise ValueError(
             "reference=None means 'the policy with its LoRA adapters disabled', "
             "but the policy has no LoRA adapters: pass the reference model"
         )
-    batch = sample_completions(policy, tokenizer, prompts, seed, n_samples, max_tokens, batch_size)
+    batch, prompt_of_row = _sample_rows(policy, tokenizer, prompts, seed, n_samples, max_tokens, batch_size)
 
     def adapters_off_logits(sub: SeqBatch) -> mx.array:
         with lora.lora_disabled(policy):
@@ -129,8 +157,20 @@ def measure_kl(
             mx.eval(logits)
         return logits
 
-    out = policy_reference_kl(policy, reference if reference is not None else adapters_off_logits, batch)
-    return {"kl": out["kl_mean_per_token"], "kl_seq": out["kl_seq_mean"], "k3": out["k3"], "n_tokens": out["n_tokens"]}
+    ref = reference if reference is not None else adapters_off_logits
+    out = policy_reference_kl(policy, ref, batch, per_sequence=confidence is not None)
+    kl = {"kl": out["kl_mean_per_token"], "kl_seq": out["kl_seq_mean"], "k3": out["k3"], "n_tokens": out["n_tokens"]}
+    if confidence is None:
+        return kl
+    seqs, tokens = out["kl_per_sequence"], out["tokens_per_sequence"]
+    bounds = kl_metrics(seqs, tokens, prompt_of_row, confidence, bootstrap_samples, seed)
+    return {
+        **kl,
+        **{k: v for k, v in bounds.items() if k != "kl"},
+        "kl_per_sequence": seqs,
+        "tokens_per_sequence": tokens,
+        "prompt_of_sequence": prompt_of_row,
+    }
 
 
 def implicit_rewards(
@@ -173,15 +213,28 @@ def heldout_metrics(
     length_normalize: bool,
     pad: int,
     batch_size: int,
+    *,
+    confidence: float | None = None,
+    bootstrap_samples: int = SAMPLES,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """Held-out preference gap mean_i (2 sigma(m_i) - 1), accuracy (ties count 1/2) and mean margin m_i."""
+    """Held-out preference gap mean_i (2 sigma(m_i) - 1), accuracy (ties count 1/2) and mean margin m_i.
+
+    With a `confidence`: heldout_gap_ci_low / _ci_high / _n (percentile bootstrap over pairs of tanh(m_i / 2),
+    `bootstrap_samples` resamples seeded by `seed`) and heldout_accuracy_ci_low / _ci_high / _n (Wilson)."""
     chosen, rejected = implicit_rewards(model, encoded, ref_logps, beta, length_normalize, pad, batch_size)
     stats = preference_stats(chosen, rejected)
-    return {
+    out = {
         "heldout_gap": heldout_preference_gap(chosen - rejected),
         "heldout_accuracy": stats["accuracy"],
         "heldout_margin": stats["margin_mean"],
     }
+    if confidence is None:
+        return out
+    gap = heldout_gap_metrics(chosen - rejected, confidence, bootstrap_samples, seed)
+    acc = pair_accuracy_metrics(chosen, rejected, confidence, name="heldout_accuracy")
+    extra = {k: v for k, v in {**gap, **acc}.items() if k not in out and k != "heldout_accuracy_ties"}
+    return {**out, **extra}
 
 
 def greedy_accuracy(
@@ -192,8 +245,10 @@ def greedy_accuracy(
     max_tokens: int = 16,
     batch_size: int = 64,
     desc: str = "accuracy",
+    confidence: float = CONFIDENCE,
 ) -> dict[str, float]:
-    """Fraction of items whose greedy answer the task checker scores 1.0 (and the mean score)."""
+    """Fraction of items whose greedy answer the task checker scores 1.0 (and the mean score), with its Wilson
+    interval at `confidence`: accuracy_ci_low, accuracy_ci_high, accuracy_n (= n, the items scored) and correct."""
     prompts = [  # an embedded item is asked as Stage 1 validates (numeric instruction); a user's row as it is
         tasks.make_prompt(item["question"], system_prompt) if is_task_item(item) else prompt_of(item, system_prompt)
         for item in items
@@ -202,10 +257,16 @@ def greedy_accuracy(
         model, tokenizer, prompts, n_samples=1, temperature=0.0, max_tokens=max_tokens, batch_size=batch_size, desc=desc
     )
     scores = [verify(item, texts[0]) for item, texts in zip(items, gens.texts)]
+    correct = sum(s >= 1.0 for s in scores)
     return {
         "accuracy": float(np.mean([s >= 1.0 for s in scores])),
         "mean_score": float(np.mean(scores)),
         "tokens_per_sec": gens.tokens_per_sec,
+        "n": len(scores),
+        "correct": int(correct),
+        **{
+            k: v for k, v in proportion_metrics("accuracy", correct, len(scores), confidence).items() if k != "accuracy"
+        },
     }
 
 
@@ -234,12 +295,29 @@ def measure_policy(
     *,
     accuracy: bool = False,
     label: str = "policy",
+    confidence: float | None = None,
+    bootstrap_samples: int = SAMPLES,
 ) -> tuple[dict, dict]:
     """(metrics, timings) of a policy against `reference` (None = the policy with its LoRA adapters disabled):
     kl, kl_seq, k3, kl_n_tokens; heldout_gap, heldout_accuracy, heldout_margin (None without held-out pairs); and
-    with `accuracy`, task_accuracy on probe.accuracy_items (None without items)."""
+    with `accuracy`, task_accuracy on probe.accuracy_items (None without items).
+
+    With a `confidence` (evaluate.confidence), also the intervals, seeded by probe.seed: kl_ci_low, kl_ci_high, kl_n
+    (prompts); heldout_gap_ci_low, heldout_gap_ci_high, heldout_gap_n and heldout_accuracy_ci_low,
+    heldout_accuracy_ci_high, heldout_accuracy_n (pairs); with `accuracy`, task_accuracy_ci_low,
+    task_accuracy_ci_high, task_accuracy_n (items). The point values are the same with or without it."""
     t0 = time.perf_counter()
-    kl = measure_kl(model, tokenizer, probe.kl_prompts, reference, probe.seed, probe.kl_samples, probe.kl_max_tokens)
+    kl = measure_kl(
+        model,
+        tokenizer,
+        probe.kl_prompts,
+        reference,
+        probe.seed,
+        probe.kl_samples,
+        probe.kl_max_tokens,
+        confidence=confidence,
+        bootstrap_samples=bootstrap_samples,
+    )
     t1 = time.perf_counter()
     if probe.heldout:
         held = heldout_metrics(
@@ -250,11 +328,19 @@ def measure_policy(
             probe.length_normalize,
             pad_id(tokenizer),
             probe.batch_size,
+            confidence=confidence,
+            bootstrap_samples=bootstrap_samples,
+            seed=probe.seed,
         )
     else:
         held = {"heldout_gap": None, "heldout_accuracy": None, "heldout_margin": None}
+        if confidence is not None:
+            held |= {f"{m}_{k}": None for m in ("heldout_gap", "heldout_accuracy") for k in ("ci_low", "ci_high")}
+            held |= {"heldout_gap_n": 0, "heldout_accuracy_n": 0}
     t2 = time.perf_counter()
     metrics = {"kl": kl["kl"], "kl_seq": kl["kl_seq"], "k3": kl["k3"], "kl_n_tokens": kl["n_tokens"], **held}
+    if confidence is not None:
+        metrics |= {k: kl[k] for k in ("kl_ci_low", "kl_ci_high", "kl_n")}
     timings = {"kl_seconds": t1 - t0, "heldout_seconds": t2 - t1}
     if accuracy:
         acc = (
@@ -265,11 +351,14 @@ def measure_policy(
                 probe.system_prompt,
                 max_tokens=ACCURACY_MAX_TOKENS,
                 desc=f"accuracy {label}",
+                confidence=CONFIDENCE if confidence is None else confidence,
             )
             if probe.accuracy_items
-            else {"accuracy": None}
+            else {"accuracy": None, "accuracy_ci_low": None, "accuracy_ci_high": None, "accuracy_n": 0}
         )
         metrics["task_accuracy"] = acc["accuracy"]
+        if confidence is not None:
+            metrics |= {f"task_{k}": acc[k] for k in ("accuracy_ci_low", "accuracy_ci_high", "accuracy_n")}
         timings["accuracy_seconds"] = time.perf_counter() - t2
     return metrics, timings
 

@@ -3,12 +3,14 @@ regression a non-inferiority gate on a paired lower bound detects with n documen
 
     p = sign_test(wins=9, losses=1)                                # 0.021484375, exact
     x = min_detectable_regression(0.5, 400)                        # % of the baseline score
+    x = pooled_min_detectable_regression([(0.8, 200, 0.15), (0.5, 100, 0.1)])   # the pooled gate's
     print(detectable_regression_line(0.5, 400))
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from statistics import NormalDist
 from typing import Any
 
@@ -154,6 +156,29 @@ def min_detectable_regression(
     v = _paired_variance(baseline_mean, paired_discordance)
     z = z_value(confidence) + NormalDist().inv_cdf(power)
     return 100.0 * z * math.sqrt(v / int(n)) / float(baseline_mean)
+
+
+def pooled_min_detectable_regression(
+    tasks: Sequence[tuple[float, int, float | None]],
+    confidence: float = CONFIDENCE,
+    power: float = POWER,
+) -> float:
+    """The same for the pooled retention (the mean of K task ratios, each task's documents resampled within it):
+
+        delta% = 100 * (z_{1-alpha/2} + z_power) * sqrt(sum_t v_t / (n_t p0_t^2)) / K
+
+    over `tasks` = [(baseline_mean, n, paired_discordance or None)], v_t as in min_detectable_regression (the
+    per-task standard errors add in quadrature; the tasks' documents are independent)."""
+    confidence, power = _check_confidence(confidence), _check_power(power)
+    if not tasks:
+        raise ValueError("pooled_min_detectable_regression needs at least one task")
+    total = 0.0
+    for p0, n, disc in tasks:
+        if int(n) != n or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        total += _paired_variance(p0, disc) / (int(n) * float(p0) ** 2)
+    z = z_value(confidence) + NormalDist().inv_cdf(power)
+    return 100.0 * z * math.sqrt(total) / len(tasks)
 
 
 def documents_needed(

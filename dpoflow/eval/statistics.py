@@ -4,7 +4,8 @@ Pure numpy + stdlib, no I/O. Every random quantity comes from a numpy generator 
 a function of (inputs, confidence, samples, seed).
 
     low, high = wilson_interval(successes=37.5, n=50)              # ties may count half
-    low, high = bootstrap_mean_interval(kl_per_prompt, 0.95, 2000, seed=0)
+    low, high = bootstrap_mean_interval(gap_terms, 0.95, 2000, seed=0)
+    low, high = bootstrap_ratio_interval(kl_sum_per_prompt, tokens_per_prompt, 0.95, 2000, seed=0)
     ret = paired_retention(baseline_scores, final_scores, 0.95, 2000, seed=0)   # {task: [score per document]}
     ok = non_inferiority(ret["pooled_ci_low"], 95.0)
     p = sign_test(wins=9, losses=1)                                # 0.021484375, exact
@@ -144,7 +145,7 @@ def _ratio_pct(final_mean: np.ndarray, baseline_mean: np.ndarray) -> np.ndarray:
     baseline_mean = np.asarray(baseline_mean, dtype=float)
     zero = baseline_mean == 0
     safe = np.where(zero, 1.0, baseline_mean)
-    return np.where(zero, np.where(final_mean == 0, 100.0, np.inf), 100.0 * final_mean / safe)
+    return np.where(zero, np.where(final_mean == 0, 100.0, np.inf), 100.0 * (final_mean / safe))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,6 +198,36 @@ def bootstrap_mean_interval(
         raise ValueError("bootstrap_mean_interval: values contain a non-finite value")
     means = _bootstrap_means(arr[:, None], samples, np.random.default_rng(seed))[:, 0]
     return _percentile_interval(means, confidence)
+
+
+def bootstrap_ratio_interval(
+    numerators: Sequence[float],
+    denominators: Sequence[float],
+    confidence: float = CONFIDENCE,
+    samples: int = SAMPLES,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of a ratio of sums over items (clusters) resampled together:
+
+        ratio*_s = sum_i x[I_si] / sum_i y[I_si],  I_si ~ Uniform{0..n-1} i.i.d., s = 1..samples
+
+    e.g. the mean per-token KL over prompts: x_i = the KL summed over prompt i's sampled tokens, y_i = its token
+    count, so a prompt's samples move together (they share the prompt) and long completions weigh by their tokens,
+    as in the point estimate sum x / sum y. Drawn from np.random.default_rng(seed) (the vectorized draw of the module
+    docstring). Needs y_i >= 0 with sum y > 0; a resample whose denominator is 0 gives +inf (0 / 0: 0)."""
+    confidence = _check_confidence(confidence)
+    samples, seed = _check_samples(samples), _check_seed(seed)
+    x = np.asarray(numerators, dtype=float).reshape(-1)
+    y = np.asarray(denominators, dtype=float).reshape(-1)
+    if x.size == 0 or x.size != y.size:
+        raise ValueError(f"bootstrap_ratio_interval needs equal, non-empty lists, got {x.size} and {y.size}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))) or np.any(y < 0) or y.sum() <= 0:
+        raise ValueError("bootstrap_ratio_interval: values must be finite, denominators >= 0 with a positive sum")
+    means = _bootstrap_means(np.stack([x, y], axis=1), samples, np.random.default_rng(seed))
+    num, den = means[:, 0], means[:, 1]
+    zero = den == 0
+    ratios = np.where(zero, np.where(num == 0, 0.0, np.inf), num / np.where(zero, 1.0, den))
+    return _percentile_interval(ratios, confidence)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,7 +334,7 @@ def paired_retention(
                 f"baseline mean is 0 (final {fm:.4g}): no ratio" if fm > 0 else "both models score 0: no ratio"
             )
             continue
-        row["retention"] = 100.0 * fm / bm
+        row["retention"] = 100.0 * (fm / bm)  # x / x is exactly 1: equal means give exactly 100
         means = _bootstrap_means(np.stack([b, f], axis=1), samples, _task_rng(seed, name))
         ratios = _ratio_pct(means[:, 1], means[:, 0])
         row["ci_low"], row["ci_high"] = _percentile_interval(ratios, confidence)

@@ -9,6 +9,10 @@
   resample of n outcomes is drawn as multinomial counts of (win, tie, loss), which is the same distribution as
   resampling prompts with replacement and makes the interval independent of the order of the judgments (so the
   human-sheet round trip reproduces it exactly). Alignment improved = the interval's lower bound > 0.5.
+* Exact sign test on the non-tied outcomes (dpoflow.eval.significance): `sign_test_p`, two-sided, H0 a win and a
+  loss equally likely; `p_greater`, one-sided, H1 wins more likely. Ties carry no direction and are dropped, as in
+  the classical sign test (the bootstrap above counts them half). No randomness: the p-values depend only on the
+  counts.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from dpoflow.eval.significance import p_greater, sign_test
 from dpoflow.modeling.generation import generate
 
 CONFIDENCE = 0.95
@@ -37,7 +42,8 @@ def win_rate(
     """Win rate (ties count half) and its percentile-bootstrap interval; see the module docstring.
 
     Returns {"win_rate", "ci_low", "ci_high", "n", "wins", "ties", "losses", "bootstrap_samples", "confidence",
-    "seed"}; the rate and bounds are None when there are no outcomes."""
+    "seed", "sign_test_p", "p_greater"}; the rate and bounds are None when there are no outcomes (the p-values are
+    then 1: no evidence)."""
     values = [float(o) for o in outcomes]
     bad = [v for v in values if v not in (0.0, 0.5, 1.0)]
     if bad:
@@ -57,6 +63,8 @@ def win_rate(
         "bootstrap_samples": int(bootstrap_samples),
         "confidence": confidence,
         "seed": int(seed),
+        "sign_test_p": sign_test(wins, losses),
+        "p_greater": p_greater(wins, losses),
     }
     if n == 0:
         return {**out, "win_rate": None, "ci_low": None, "ci_high": None}

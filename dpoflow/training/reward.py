@@ -26,6 +26,8 @@ from dpoflow.core.batching import (
     split_pairs,
 )
 from dpoflow.core.losses import bradley_terry_loss, preference_stats
+from dpoflow.eval.intervals import pair_accuracy_metrics
+from dpoflow.eval.significance import CONFIDENCE
 from dpoflow.modeling.reward_model import RewardModel
 from dpoflow.runtime.params import RewardModelParams
 from dpoflow.training.callbacks import MetricLogger
@@ -170,13 +172,16 @@ def train_reward_model(
     fingerprint: str = "",
     max_grad_norm: float = 1.0,
     on_step: Callable[[int, dict], None] | None = None,
+    confidence: float = CONFIDENCE,
 ) -> dict:
     """Train `rm` on the training split of `pairs` and evaluate it on both splits.
 
     steps = ceil(n_train / batch_size) * epochs (length-grouped batches, reshuffled each epoch); validation at the
     end of every epoch; `on_step` is passed to trainer.train (tests use it to simulate a killed run). Returns the
     stage's statistics plus "perf" (timings) and "contradictions" (rows for
-    data/rm_contradictions.jsonl; empty when contradiction_filter is None).
+    data/rm_contradictions.jsonl; empty when contradiction_filter is None). The validation accuracy comes with its
+    Wilson interval over the validation pairs at `confidence` (ties count half; eval.intervals):
+    val_accuracy_ci_low, val_accuracy_ci_high, val_accuracy_n.
     """
     learning_rate, epochs, val_fraction = params.learning_rate, params.epochs, params.val_fraction
     margin, center_coef, max_overfit_gap = params.margin, params.center_coef, params.max_overfit_gap
@@ -255,6 +260,11 @@ def train_reward_model(
     metrics = {
         # Gate keys (dpoflow.eval.gates: reward_model)
         "val_accuracy": va["accuracy"],
+        **{
+            k: v
+            for k, v in pair_accuracy_metrics(val_c, val_w, confidence).items()
+            if k in ("val_accuracy_ci_low", "val_accuracy_ci_high", "val_accuracy_n")
+        },
         "overfit_gap": overfit_gap,
         # Detail
         "train_accuracy": tr["accuracy"],
