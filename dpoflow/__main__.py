@@ -22,7 +22,8 @@ def cli() -> None:
 @cli.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
 def doctor(params_path: str) -> None:
-    """Print the MLX device, detected chip, BLAS and its measured matmul rate, resolved batch size, versions."""
+    """Print the MLX device, detected chip, BLAS and its measured matmul rate, resolved batch size, versions, and the
+    numerics environment (BLAS config and kernel, threads, MLX / mlx-lm versions, platform)."""
     params = load_params(params_path)
     chip, batch = params.resolved_batch_size()
     click.echo(f"MLX device:      {device.device_name()}")
@@ -35,6 +36,9 @@ def doctor(params_path: str) -> None:
     click.echo(f"batch size:      {batch} (params.yaml batch_size.{chip})")
     for name, version in device.library_versions().items():
         click.echo(f"{name + ':':<16} {version}")
+    click.echo("numerics environment (device.numerics_environment; same labels + inputs = same bytes):")
+    for key, label in device.numerics_environment().items():
+        click.echo(f"  {key + ':':<22} {label}")
 
 
 @cli.command("hub-inputs")

@@ -21,6 +21,7 @@ from dpoflow.runtime.params import load_params
 from dpoflow.training.dpo import STAGE_KEYS
 
 from live_logger import live_logger
+from resume import run_fingerprint
 
 SFT = Path("models/sft")
 POLICY_INIT = Path("models/policy_init")
@@ -79,7 +80,7 @@ def main(params_path: str) -> None:
             batch_size=batch_size,
             logger=logger,
             checkpoint_dir=CHECKPOINT,
-            fingerprint=fingerprint,
+            fingerprint=run_fingerprint("dpo", fingerprint),  # + the DVC run's identity (issue 21)
         )
     if not distributed.is_main_process():
         return

@@ -33,6 +33,7 @@ from dpoflow.training.dpo import STAGE_KEYS
 
 from judging import STAGE4_REWARD_MODEL, judge_for
 from live_logger import DvcLiveLogger, live_logger
+from resume import run_fingerprint
 
 SFT = Path("models/sft")
 DPO = Path("models/dpo")
@@ -143,7 +144,7 @@ def main(params_path: str) -> None:
         eval_texts=eval_texts,
         work_dir=WORK,
         benchmark_fn=benchmark_fn if p.benchmarks.tasks else None,
-        fingerprint=fingerprint,
+        fingerprint=run_fingerprint("iterate", fingerprint),  # + the DVC run's identity (issue 21)
         log=click.echo,
         choose_prompts=chooser,
         categorize=categorize,

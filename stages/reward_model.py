@@ -19,6 +19,7 @@ from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import load_params
 
 from live_logger import live_logger
+from resume import run_fingerprint
 
 BASE = Path("models/sft")
 PAIRS = Path("data/pairs.parquet")
@@ -49,6 +50,7 @@ def main(params_path: str) -> None:
     fingerprint = repr(
         (sorted(train_params.items()), p.seed, batch_size, p.preference.max_seq_len, base_hash, io.file_sha256(PAIRS))
     )
+    fingerprint = run_fingerprint("reward_model", fingerprint)  # + the DVC run's identity (issue 21)
     with live_logger("dvclive/reward_model") as logger:
         rm, result = reward_model.train(
             p, BASE, pairs, batch_size=batch_size, logger=logger, checkpoint_dir=CHECKPOINT, fingerprint=fingerprint

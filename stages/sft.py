@@ -17,6 +17,7 @@ from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import input_folder, load_params
 
 from live_logger import live_logger
+from resume import run_fingerprint
 
 BASE = Path("models/base")
 SPLITS = Path("data/tasks")
@@ -49,7 +50,7 @@ def main(params_path: str) -> None:
             val_items=[i for i in val_items if is_task_item(i)],  # greedy accuracy needs the task's checker
             logger=logger,
             checkpoint_dir=CHECKPOINT,
-            fingerprint=repr((p.sft, p.seed, batch_size, loading.model_hash(BASE))),
+            fingerprint=run_fingerprint("sft", repr((p.sft, p.seed, batch_size, loading.model_hash(BASE)))),
         )
     if not distributed.is_main_process():
         return

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
+import string
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,6 +15,7 @@ import pytest
 from dpoflow.data.formats import convert_rows, load_pairs, read_pairs
 from dpoflow.data.pairs import (
     PAIR_SCHEMA,
+    PREVIEW_CHARS,
     DataFormatError,
     LoadResult,
     make_pair,
@@ -20,6 +24,7 @@ from dpoflow.data.pairs import (
     write_pairs,
     write_quarantine,
 )
+from dpoflow.data.validation import validate_dpo_pairs
 
 
 def user(text: str) -> dict:
@@ -331,10 +336,52 @@ def test_blank_lines_are_not_rows_and_line_numbers_count_them(tmp_path):
     assert result.locations == [f"{path}:2"]
 
 
-def test_huge_row_is_truncated_in_quarantine(tmp_path):
-    row = {"prompt": "q", "chosen": "x" * 100_000, "rejected": "x" * 100_000}
-    q = only_quarantined(load_one(tmp_path, row))
-    assert isinstance(q["row"], str) and len(q["row"]) < 2100 and "truncated" in q["row"]
+def test_huge_row_is_cut_to_a_preview_in_quarantine(tmp_path):
+    row = {"id": "r1", "prompt": "q", "chosen": "x" * 100_000, "rejected": "y" * 100_000}
+    q = only_quarantined(load_one(tmp_path, row, max_chars=1000))
+    assert q["reason"].startswith("over-long")
+    assert set(q["row"]) == {"id", "preview", "chars", "sha256"} and q["row"]["id"] == "r1"
+    assert len(q["row"]["preview"]) <= PREVIEW_CHARS and q["row"]["chars"] == len(json.dumps(row))
+    assert q["row"]["sha256"] == hashlib.sha256(json.dumps(row).encode()).hexdigest()
+
+
+def _noise(n: int, seed: int) -> str:
+    """n characters that repeat nowhere (a password hash, a token): any 20 of them pin their place."""
+    rng = random.Random(seed)
+    return "".join(rng.choice(string.ascii_letters + string.digits + "./") for _ in range(n))
+
+
+SHADOW = [
+    f"root:$6${_noise(8, 1)}${_noise(86, 2)}:19700:0:99999:7:::",
+    "daemon:*:19700:0:99999:7:::",
+    f"alice:$y$j9T${_noise(22, 3)}${_noise(43, 4)}:19701:0:99999:7:::",
+]
+
+
+def test_a_foreign_file_and_a_huge_line_leave_only_previews_and_hashes(tmp_path):
+    """Issue 21: `import_path: /etc/shadow` copied every line, password hashes included, into the quarantine file.
+    Every quarantine row of the pair readers keeps <= PREVIEW_CHARS characters of its input and its sha256."""
+    huge = _noise(2000, 5) + "SECRET-TAIL" + _noise(3000, 6)  # 5,011 characters, not JSON
+    good = {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 1.0, "score_rejected": 0.0}
+    lines = [*SHADOW, huge, json.dumps(good), json.dumps({**good, "id": _noise(5000, 7), "chosen": _noise(5000, 8)})]
+    path = write_lines(tmp_path / "shadow", lines)  # no suffix, no Parquet magic: read as JSON Lines
+    quarantine = tmp_path / "quarantine.jsonl"
+    result = validate_dpo_pairs(dpo_path=path, min_pairs=1, max_chars=2000, quarantine_path=quarantine)
+    assert result.n_input == len(lines) == result.n_pairs + result.n_quarantined  # the accounting holds
+    rows = [json.loads(line) for line in quarantine.read_text(encoding="utf-8").splitlines()]
+    assert [r["location"] for r in rows] == [f"{path}:{n}" for n in (1, 2, 3, 4, 6)]
+    assert rows[0]["reason"].startswith("broken JSON") and rows[-1]["reason"].startswith("over-long")
+    text = quarantine.read_text(encoding="utf-8")
+    for line, row in zip([*SHADOW, huge, lines[-1]], rows):
+        assert set(row) == {"location", "field", "reason", "row"}
+        assert set(row["row"]) == {"preview", "chars", "sha256"}  # the over-long id is not kept either
+        assert len(row["row"]["preview"]) <= PREVIEW_CHARS <= 100 and row["row"]["chars"] == len(line)
+        assert row["row"]["sha256"] == hashlib.sha256(line.encode()).hexdigest()
+        assert len(json.dumps(row["row"], ensure_ascii=False)) < PREVIEW_CHARS + 150 and len(row["reason"]) < 120
+        for start in range(PREVIEW_CHARS, len(line) - 20, 20):  # nothing past the preview reaches the file
+            assert line[start : start + 20] not in text
+    assert "SECRET-TAIL" not in text and SHADOW[0][-60:] not in text and SHADOW[2][-60:] not in text
+    assert len(text) < len(rows) * 450
 
 
 def test_write_quarantine(tmp_path):

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dpoflow.data.formats import convert_rows, load_pairs, read_pairs
-from dpoflow.data.pairs import DataFormatError, prompt_text, write_pairs, write_quarantine
+from dpoflow.data.pairs import PREVIEW_CHARS, DataFormatError, prompt_text, write_pairs, write_quarantine
 from dpoflow.data.validation import validate_dpo_pairs
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -132,6 +132,8 @@ def check_quarantine(rows_out: list[dict], path: Path) -> None:
         assert LOCATION.match(q["location"]) and q["location"].startswith(str(path))
         assert isinstance(q["field"], str) and q["field"]
         assert isinstance(q["reason"], str) and q["reason"]
+        assert set(q["row"]) - {"id"} == {"preview", "chars", "sha256"}  # bounded: never the row itself
+        assert len(q["row"]["preview"]) <= PREVIEW_CHARS and len(str(q["row"].get("id", ""))) <= 64
         json.dumps(q, allow_nan=False, ensure_ascii=False).encode("utf-8")
 
 

@@ -3,7 +3,9 @@ the blind human sheet round trip, the contamination audit, the deploy decision a
 
 import csv
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from dpoflow.data import tasks
 from dpoflow.data.decontamination import find_contaminated_pairs
 from dpoflow.data.judges import Judge
-from dpoflow.data.pairs import make_pair
+from dpoflow.data.pairs import DataFormatError, make_pair
 from dpoflow.data.validation import validate_dpo_pairs
 from dpoflow.eval.deploy import deploy_decision, last_good_round
 from dpoflow.eval.human import export_human_sheet, import_human_ratings, read_human_ratings
@@ -20,6 +22,7 @@ from dpoflow.eval.win_rate import outcome_of, pairwise_judgments, win_rate
 from dpoflow.reporting.charts import bar_chart, line_chart, read_tsv
 from dpoflow.reporting.report import CURVES, ReportInputs, input_lines, write_report
 from dpoflow.runtime import io
+from dpoflow.runtime.errors import UserError
 from dpoflow.runtime.params import CHIPS, parse_params
 
 SYSTEM = "Reply with only the final answer."
@@ -196,6 +199,83 @@ def test_human_sheet_subset_blank_rows_and_bad_values(tmp_path):
         writer.writerows(rows)
     with pytest.raises(ValueError, match=r"sheet\.csv:\d+: preference: 'maybe' .*\[sheet row " + rows[4]["row"]):
         import_human_ratings(sheet, key)
+
+
+def _sheet_with(tmp_path, n_rows=4, edit=None):
+    """An exported sheet of n_rows (rows filled in by a rater who agrees with the judge), then `edit(rows)`."""
+    judgments = synthetic_judgments(12)
+    sheet, key = tmp_path / "sheet.csv", tmp_path / "key.json"
+    export_human_sheet(judgments, sheet, key, n_rows=n_rows, seed=0)
+    fill_sheet(sheet, key, judgments)
+    with open(sheet, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows = edit(rows) if edit else rows
+    with open(sheet, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["row", "prompt", "response_a", "response_b", "preference", "comment"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return sheet, key
+
+
+def test_human_sheet_cut_short_reports_the_missing_rows(tmp_path):
+    """A sheet cut from 4 rows to 1 said "0 not rated": the rows of the key it lacks are counted and named."""
+    sheet, key = _sheet_with(tmp_path, 4, edit=lambda rows: [r for r in rows if r["row"] == "3"])
+    outcomes, info = read_human_ratings(sheet, key)
+    assert (len(outcomes), info["rated"], info["blank"]) == (1, 1, 0)
+    assert (info["missing"], info["missing_rows"], info["unrated"], info["rows_in_key"]) == (3, ["1", "2", "4"], 3, 4)
+    human = import_human_ratings(sheet, key)
+    assert (human["rated"], human["unrated"], human["missing_rows"]) == (1, 3, ["1", "2", "4"])
+    whole, _ = _sheet_with(tmp_path / "whole", 4)
+    assert read_human_ratings(whole, tmp_path / "whole" / "key.json")[1]["missing_rows"] == []
+
+
+def test_human_sheet_row_not_in_the_key_is_refused(tmp_path):
+    extra = {"row": "99", "prompt": "p", "response_a": "a", "response_b": "b", "preference": "A", "comment": ""}
+    sheet, key = _sheet_with(tmp_path, 4, edit=lambda rows: rows + [extra])  # 4 rows of 2 lines, then line 10
+    with pytest.raises(DataFormatError, match=r"sheet\.csv:10: row: '99' is not a row of .*key\.json") as err:
+        read_human_ratings(sheet, key)
+    assert isinstance(err.value, UserError)
+
+
+def test_human_sheet_bad_utf8_names_file_and_line(tmp_path):
+    sheet, key = _sheet_with(tmp_path, 4)
+    lines = sheet.read_bytes().split(b"\n")
+    assert lines[2].startswith(b"Answer") and b"reply" in lines[2]  # line 3: the end of row 1 (prompts span lines)
+    lines[2] = lines[2].replace(b"reply", b"r\xe9ply", 1)  # a Latin-1 export
+    sheet.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataFormatError, match=r"sheet\.csv:3: encoding: invalid UTF-8 at byte \d+") as err:
+        import_human_ratings(sheet, key)
+    assert isinstance(err.value, UserError) and err.value.__cause__ is None
+
+
+def test_human_sheet_oversized_field_names_file_and_line(tmp_path):
+    def huge(rows):
+        rows[1]["comment"] = "x" * 200_000  # over the csv module's 131,072-character field limit
+        return rows
+
+    sheet, key = _sheet_with(tmp_path, 4, edit=huge)
+    with pytest.raises(DataFormatError, match=r"sheet\.csv:3: csv: field larger than field limit") as err:
+        read_human_ratings(sheet, key)
+    assert isinstance(err.value, UserError)
+
+
+def test_human_sheet_error_is_one_error_line_from_the_stage(tmp_path):
+    """`stages/evaluate.py --human-ratings` prints a bad sheet as one `Error: <file>:<line>: ...` line."""
+    sheet, key = _sheet_with(tmp_path, 4)
+    sheet.write_bytes(sheet.read_bytes().replace(b"reply", b"\xff", 1))
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(root / "stages" / "evaluate.py"), "--params", str(root / "params.yaml")]
+        + ["--human-ratings", str(sheet), "--key", str(key)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"Error: {sheet}:3: encoding: invalid UTF-8"), proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------ contamination

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dpoflow.data import tasks
+from dpoflow.data.pairs import quarantine_row
 from dpoflow.data.prompts import prompt_of
 
 DEFAULT_NGRAM = 8
@@ -298,14 +299,8 @@ def screen_prompts(
         prompt = prompt_of(item, system_prompt)
         hits = index.matches([(f"prompt[{i}].content", m["content"]) for i, m in enumerate(prompt)])
         if hits:
-            quarantined.append(
-                {
-                    "location": f"{origin}:{line}",
-                    "field": next(iter(hits.values())),
-                    "reason": f"contaminated prompt: {', '.join(hits)}",
-                    "row": dict(item),
-                }
-            )
+            field, reason = next(iter(hits.values())), f"contaminated prompt: {', '.join(hits)}"
+            quarantined.append(quarantine_row(f"{origin}:{line}", field, reason, dict(item)))  # bounded, with its id
         else:
             clean.append((line, item))
     return clean, quarantined

@@ -107,34 +107,37 @@ def _convert_records(
         raise ValueError("max_tokens needs count_tokens")
     if score_scale is not None and score_scale < 1:
         raise ValueError(f"score_scale must be 1 (scores in [0, 1]) or a rating maximum > 1, got {score_scale}")
-    staged: list[tuple[int, str, dict, Any]] = []  # (order, location, pair with raw scores, raw row)
+    staged: list[tuple[int, Record, dict]] = []  # (order, record, pair with raw scores)
     quarantined: list[tuple[int, dict]] = []
     n_input = 0
     for order, record in enumerate(records):
         n_input += 1
         if record.error is not None:
-            quarantined.append(
-                (order, quarantine_row(record.location, record.error.field, record.error.reason, record.value))
-            )
+            error = record.error
+            quarantined.append((order, quarantine_row(record.location, error.field, error.reason, None, record.raw)))
             continue
         try:
             pair = convert_row(record.value, fmt, source=f"import:{record.location}", task=task)
             _check_length(pair, max_chars, max_tokens, count_tokens)
         except RowError as err:
-            quarantined.append((order, quarantine_row(record.location, err.field, err.reason, record.value)))
+            quarantined.append(
+                (order, quarantine_row(record.location, err.field, err.reason, record.value, record.raw))
+            )
             continue
-        staged.append((order, record.location, pair, record.value))
+        staged.append((order, record, pair))
 
     scale = score_scale if score_scale is not None else (1 if fmt == "canonical" else _infer_scale(staged))
     pairs: list[tuple[int, str, dict]] = []
-    for order, location, pair, raw in staged:
+    for order, record, pair in staged:
         try:
             for key in ("score_chosen", "score_rejected"):
                 pair[key] = normalize_score(pair[key], scale, key)
         except RowError as err:
-            quarantined.append((order, quarantine_row(location, err.field, err.reason, raw)))
+            quarantined.append(
+                (order, quarantine_row(record.location, err.field, err.reason, record.value, record.raw))
+            )
             continue
-        pairs.append((order, location, pair))
+        pairs.append((order, record.location, pair))
 
     quarantined.sort(key=lambda item: item[0])
     return LoadResult(
@@ -217,9 +220,9 @@ def normalize_score(score: float | None, scale: float, field: str = "score") -> 
     return float(score) if scale == 1 else (score - 1) / (scale - 1)
 
 
-def _infer_scale(staged: list[tuple[int, str, dict, Any]]) -> float:
+def _infer_scale(staged: list[tuple[int, Record, dict]]) -> float:
     """The smallest of INFERABLE_SCALES covering every raw score (10 if none does)."""
-    scores = [p[k] for _, _, p, _ in staged for k in ("score_chosen", "score_rejected") if p[k] is not None]
+    scores = [p[k] for _, _, p in staged for k in ("score_chosen", "score_rejected") if p[k] is not None]
     top = max(scores, default=0.0)
     return next((s for s in INFERABLE_SCALES if top <= s), INFERABLE_SCALES[-1])
 

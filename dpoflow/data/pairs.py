@@ -7,14 +7,20 @@ used.
 Rows that cannot be converted are never dropped silently and never raise: they become quarantine rows
 ``{"location": "<file>:<line>", "field", "reason", "row"}``. Only problems with a whole file (missing,
 unreadable Parquet, unknown format name) raise :class:`DataFormatError`. External formats: dpoflow.data.formats.
+
+A quarantine row never copies its input (issue 21: ``import_path: /etc/shadow`` must not end up in
+data/quarantine.jsonl): ``row`` is :func:`quarantine_preview` of it, ``{"preview": <at most PREVIEW_CHARS
+characters>, "chars": <length>, "sha256": <hex>}``, plus the row's ``id`` when it has a short one. The sha256 is
+taken over the exact bytes of the JSON Lines line (without its newline), else over the row's sorted JSON.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
+import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -44,7 +50,8 @@ PAIR_SCHEMA = pa.schema(
     ]
 )
 
-QUARANTINE_ROW_CHARS = 2000  # the original row kept in a quarantine row is cut to this many characters
+PREVIEW_CHARS = 80  # characters of raw input kept in a quarantine row (issue 21)
+QUARANTINE_ID_CHARS = 64  # a row's own id is kept in its quarantine row only up to this length
 _PARQUET_MAGIC = b"PAR1"
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")  # other names: Parquet if the bytes say so, else JSONL
@@ -128,9 +135,41 @@ def make_pair(
     }
 
 
-def quarantine_row(location: str, field: str, reason: str, row: Any) -> dict:
-    """A quarantine row; the original row is made JSON-safe and cut to QUARANTINE_ROW_CHARS characters."""
-    return {"location": location, "field": field, "reason": reason, "row": _truncated(row)}
+def quarantine_preview(raw: str | bytes | Any) -> dict:
+    """A bounded stand-in for raw input: ``{"preview", "chars", "sha256"}``.
+
+    `preview` is at most PREVIEW_CHARS characters of the text (whitespace runs collapsed to one space, other control
+    characters replaced by U+FFFD, lone surrogates escaped; a cut preview ends with "…"). `chars` is the length of
+    the whole text and `sha256` the hex digest of the raw bytes (str: UTF-8; other values: their sorted JSON), so
+    the row can be found in the input without being copied.
+    """
+    if isinstance(raw, bytes):
+        data, text = raw, raw.decode("utf-8", errors="replace")
+    else:
+        text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, sort_keys=True, default=repr)
+        data = text.encode("utf-8", errors="surrogatepass")
+    head = re.sub(r"\s+", " ", text[: PREVIEW_CHARS * 2])
+    head = "".join("\ufffd" if unicodedata.category(c) == "Cc" else c for c in head)
+    head = head.encode("utf-8", errors="backslashreplace").decode("utf-8")
+    if len(text) > PREVIEW_CHARS * 2 or len(head) > PREVIEW_CHARS:
+        head = head[: PREVIEW_CHARS - 1] + "…"
+    return {"preview": head, "chars": len(text), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def quarantine_row(location: str, field: str, reason: str, row: Any, raw: str | bytes | None = None) -> dict:
+    """A quarantine row: `row` is :func:`quarantine_preview` of `raw` (the bytes the row was read from) or, when
+    there are none (Parquet, in-memory rows), of the row itself; plus the row's `id` if it is short."""
+    row_id = row.get("id") if isinstance(row, dict) else None
+    short_id = (
+        isinstance(row_id, (str, int)) and not isinstance(row_id, bool) and len(str(row_id)) <= QUARANTINE_ID_CHARS
+    )
+    preview = quarantine_preview(row if raw is None else raw)
+    return {
+        "location": location,
+        "field": field,
+        "reason": reason,
+        "row": {"id": row_id, **preview} if short_id else preview,
+    }
 
 
 def write_pairs(rows: list[dict], parquet_path: str | os.PathLike, jsonl_path: str | os.PathLike | None = None) -> None:
@@ -162,6 +201,7 @@ class Record:
     location: str
     value: Any = None
     error: RowError | None = None  # set when the line itself could not be decoded
+    raw: bytes | None = None  # the line the row was read from (JSON Lines), for its quarantine preview and sha256
 
 
 def check_format(fmt: str, location: str) -> None:
@@ -209,21 +249,21 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
         if not raw.strip():
             continue
         location = f"{path}:{number}"
+        raw = raw.removesuffix(b"\r")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            snippet = raw.decode("utf-8", errors="replace")
-            yield Record(location, snippet, RowError("row", f"invalid UTF-8 at byte {exc.start}"))
+            yield Record(location, None, RowError("row", f"invalid UTF-8 at byte {exc.start}"), raw)
             continue
         try:
             value = json.loads(text)
         except RecursionError:
-            yield Record(location, text, RowError("row", "broken JSON: nested too deeply"))
+            yield Record(location, None, RowError("row", "broken JSON: nested too deeply"), raw)
             continue
         except ValueError as exc:  # JSONDecodeError, and int-digit limits
-            yield Record(location, text, RowError("row", f"broken JSON: {exc}"))
+            yield Record(location, None, RowError("row", f"broken JSON: {_short(str(exc))}"), raw)
             continue
-        yield Record(location, value)
+        yield Record(location, value, raw=raw)
 
 
 def type_name(value: Any) -> str:
@@ -234,30 +274,5 @@ def type_name(value: Any) -> str:
     )
 
 
-def _truncated(row: Any) -> Any:
-    """The row made JSON-safe; if its JSON is longer than QUARANTINE_ROW_CHARS, a cut string instead."""
-    safe = _json_safe(row)
-    text = json.dumps(safe, ensure_ascii=False)
-    if len(text) <= QUARANTINE_ROW_CHARS:
-        return safe
-    return f"{text[:QUARANTINE_ROW_CHARS]}... [truncated, {len(text)} chars]"
-
-
-def _json_safe(value: Any, depth: int = 0) -> Any:
-    if depth > 32:
-        return "... [nested too deeply]"
-    if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return value if value.bit_length() <= 1024 else f"<integer of {value.bit_length()} bits>"
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    if isinstance(value, dict):
-        return {_json_safe(str(k), depth + 1): _json_safe(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v, depth + 1) for v in value]
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return _json_safe(repr(value), depth + 1)
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

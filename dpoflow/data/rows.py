@@ -8,12 +8,10 @@ import hashlib
 import json
 import math
 import re
-import unicodedata
 from typing import Any
 
-from dpoflow.data.pairs import RowError
+from dpoflow.data.pairs import PREVIEW_CHARS, RowError, quarantine_preview  # noqa: F401 (PREVIEW_CHARS: re-exported)
 
-PREVIEW_CHARS = 80  # characters of raw input kept in a quarantine row (issue 21)
 REASON_VALUE_CHARS = 40  # an input value quoted in a reason is cut to this many characters
 ROLES = ("system", "user", "assistant")
 
@@ -24,32 +22,11 @@ PARQUET_MAGIC = b"PAR1"
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
 JSON_WS = re.compile(r"[ \t\n\r]*")
 
-# Quarantine preview (issue 21)
+# Quarantine preview (issue 21): quarantine_preview lives in dpoflow.data.pairs, which every pair reader uses
 
 
 class UnknownShape(RowError):
     """The row parsed but matches none of the shapes a loader reads (counts toward 'unknown format')."""
-
-
-def quarantine_preview(raw: str | bytes | Any) -> dict:
-    """A bounded stand-in for raw input: ``{"preview", "chars", "sha256"}``.
-
-    `preview` is at most PREVIEW_CHARS characters of the text (whitespace runs collapsed to one space, other control
-    characters replaced by U+FFFD, lone surrogates escaped; a cut preview ends with "…"). `chars` is the length of
-    the whole text and `sha256` the hex digest of the raw bytes (str: UTF-8; other values: their sorted JSON), so
-    the row can be found in the input without being copied.
-    """
-    if isinstance(raw, bytes):
-        data, text = raw, raw.decode("utf-8", errors="replace")
-    else:
-        text = raw if isinstance(raw, str) else row_json(raw)
-        data = text.encode("utf-8", errors="surrogatepass")
-    head = re.sub(r"\s+", " ", text[: PREVIEW_CHARS * 2])
-    head = "".join("\ufffd" if unicodedata.category(c) == "Cc" else c for c in head)
-    head = head.encode("utf-8", errors="backslashreplace").decode("utf-8")
-    if len(text) > PREVIEW_CHARS * 2 or len(head) > PREVIEW_CHARS:
-        head = head[: PREVIEW_CHARS - 1] + "…"
-    return {"preview": head, "chars": len(text), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def quarantine(location: str, field: str, reason: str, raw: Any) -> dict:

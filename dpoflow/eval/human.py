@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import csv
+import io as textio
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dpoflow.data.pairs import DataFormatError
 from dpoflow.eval.win_rate import win_rate
 from dpoflow.runtime import io
 
@@ -92,46 +94,79 @@ def export_human_sheet(
     return {"rows": n, "included": len(include), "sheet": str(sheet_csv), "key": str(key_json)}
 
 
-def read_human_ratings(sheet_csv: str | Path, key_json: str | Path) -> tuple[list[float], dict]:
-    """(outcomes for the final model, counts) from a filled-in sheet and its key. `preference` per row: A, B or tie
-    (also "=", "equal", "same"; case-insensitive); blank = not rated (skipped and counted). Anything else raises
-    ValueError naming file:line:preference."""
-    key = io.read_json(key_json)
-    if key.get("format") != KEY_FORMAT:
-        raise ValueError(f"{key_json}: not a dpoflow human-eval key (format {key.get('format')!r})")
-    outcomes, unrated, seen = [], 0, set()
-    with open(sheet_csv, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+def _sheet_text(sheet_csv: str | Path) -> str:
+    """The sheet's text (UTF-8, a spreadsheet's BOM allowed); bad UTF-8 is a DataFormatError naming file:line."""
+    data = Path(sheet_csv).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataFormatError(
+            f"{sheet_csv}:{line}", "encoding", f"invalid UTF-8 at byte {exc.start}: save the sheet as CSV UTF-8"
+        ) from None
+
+
+def _sheet_rows(sheet_csv: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line, row) of each record (line: its last physical line; prompts may span lines). A record the csv module
+    cannot read (an oversized field, a stray NUL) is a DataFormatError naming file:line, not a bare csv.Error."""
+    reader = csv.DictReader(textio.StringIO(_sheet_text(sheet_csv), newline=""))
+    try:
         missing = [c for c in ("row", "preference") if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(
-                f"{sheet_csv}:1: header: column {missing[0]!r} missing (expected {', '.join(SHEET_COLUMNS)})"
+            raise DataFormatError(
+                f"{sheet_csv}:1", "header", f"column {missing[0]!r} missing (expected {', '.join(SHEET_COLUMNS)})"
             )
         for row in reader:
-            line = reader.line_num  # the record's last physical line (prompts may span lines)
-            number = (row.get("row") or "").strip()
-            if number not in key["rows"]:
-                raise ValueError(f"{sheet_csv}:{line}: row: {number!r} is not a row of {key_json}")
-            if number in seen:
-                raise ValueError(f"{sheet_csv}:{line}: row: {number!r} appears twice")
-            seen.add(number)
-            raw = (row.get("preference") or "").strip()
-            if not raw:
-                unrated += 1
-                continue
-            rating = RATINGS.get(raw.lower())
-            if rating is None:
-                raise ValueError(
-                    f"{sheet_csv}:{line}: preference: {raw!r} is not one of A, B, tie (blank = not rated) "
-                    f"[sheet row {number}]"
-                )
-            if rating == "tie":
-                outcomes.append(0.5)
-            else:
-                outcomes.append(1.0 if key["rows"][number][rating] == "final" else 0.0)
+            yield reader.line_num, row
+    except csv.Error as exc:
+        raise DataFormatError(f"{sheet_csv}:{reader.line_num}", "csv", f"{exc}: is this the exported sheet?") from None
+
+
+def _row_order(number: str) -> tuple[int, str]:
+    return (int(number), number) if number.isdigit() else (1 << 62, number)
+
+
+def read_human_ratings(sheet_csv: str | Path, key_json: str | Path) -> tuple[list[float], dict]:
+    """(outcomes for the final model, counts) from a filled-in sheet and its key. `preference` per row: A, B or tie
+    (also "=", "equal", "same"; case-insensitive); blank = not rated (skipped and counted).
+
+    The sheet's rows are checked against the key: a row the key does not have, or a row twice, raises; rows of
+    the key missing from the sheet (a cut sheet) are counted and named (`missing`, `missing_rows`) and count as
+    not rated (`unrated` = blank + missing). Every problem with the sheet raises DataFormatError (a UserError and
+    a ValueError) naming file:line: a bad value, bad UTF-8, a field the csv module cannot read."""
+    key = io.read_json(key_json)
+    if not isinstance(key, dict) or key.get("format") != KEY_FORMAT or not isinstance(key.get("rows"), dict):
+        found = key.get("format") if isinstance(key, dict) else None
+        raise DataFormatError(str(key_json), "format", f"not a dpoflow human-eval key (format {found!r})")
+    outcomes, blank, seen = [], 0, set()
+    for line, row in _sheet_rows(sheet_csv):
+        number = (row.get("row") or "").strip()
+        where = f"{sheet_csv}:{line}"
+        if number not in key["rows"]:
+            raise DataFormatError(where, "row", f"{number[:40]!r} is not a row of {key_json}")
+        if number in seen:
+            raise DataFormatError(where, "row", f"{number!r} appears twice")
+        seen.add(number)
+        raw = (row.get("preference") or "").strip()
+        if not raw:
+            blank += 1
+            continue
+        rating = RATINGS.get(raw.lower())
+        if rating is None:
+            raise DataFormatError(
+                where, "preference", f"{raw[:40]!r} is not one of A, B, tie (blank = not rated) [sheet row {number}]"
+            )
+        if rating == "tie":
+            outcomes.append(0.5)
+        else:
+            outcomes.append(1.0 if key["rows"][number][rating] == "final" else 0.0)
+    missing = sorted(set(key["rows"]) - seen, key=_row_order)
     return outcomes, {
         "rated": len(outcomes),
-        "unrated": unrated,
+        "unrated": blank + len(missing),
+        "blank": blank,
+        "missing": len(missing),
+        "missing_rows": missing,
         "rows_in_key": len(key["rows"]),
         "seed": key.get("seed", 0),
         "bootstrap_samples": key.get("bootstrap_samples", 2000),
@@ -142,11 +177,14 @@ def import_human_ratings(
     sheet_csv: str | Path, key_json: str | Path, *, bootstrap_samples: int | None = None, seed: int | None = None
 ) -> dict:
     """Win rate of the final model from human ratings: the same `win_rate` as the automatic path, with the
-    bootstrap settings recorded in the key (overridable). Returns win_rate's dict + rated / unrated counts."""
+    bootstrap settings recorded in the key (overridable). Returns win_rate's dict + the counts of rated and not
+    rated rows (`unrated` = `blank` + `missing`: rows of the key the sheet no longer has, named in
+    `missing_rows`)."""
     outcomes, info = read_human_ratings(sheet_csv, key_json)
     result = win_rate(
         outcomes,
         bootstrap_samples=info["bootstrap_samples"] if bootstrap_samples is None else bootstrap_samples,
         seed=info["seed"] if seed is None else seed,
     )
-    return {**result, "rated": info["rated"], "unrated": info["unrated"], "source": str(sheet_csv)}
+    counts = {k: info[k] for k in ("rated", "unrated", "blank", "missing", "missing_rows", "rows_in_key")}
+    return {**result, **counts, "source": str(sheet_csv)}

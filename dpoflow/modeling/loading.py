@@ -116,7 +116,8 @@ def write_model_folder(
     generation_config = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        # sorted: MLX lays the data out in insertion order, so the same weights always give the same bytes
+        mx.save_safetensors(str(tmp / "model.safetensors"), dict(sorted(weights.items())), metadata={"format": "mlx"})
         write_json(tmp / "config.json", config)
         tokenizer.save(str(tmp / "tokenizer.json"))
         write_json(tmp / "tokenizer_config.json", tokenizer_config)

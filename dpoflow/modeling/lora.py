@@ -104,7 +104,10 @@ def save_adapters(model: nn.Module, out_dir: Path, adapter_config: dict) -> Path
         raise ValueError("model has no LoRA parameters to save (call attach_lora first)")
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        mx.save_safetensors(str(tmp / "adapters.safetensors"), weights, metadata={"format": "mlx"})
+        # sorted: byte-deterministic
+        mx.save_safetensors(
+            str(tmp / "adapters.safetensors"), dict(sorted(weights.items())), metadata={"format": "mlx"}
+        )
         write_json(tmp / "adapter_config.json", adapter_config)
     return Path(out_dir)
 

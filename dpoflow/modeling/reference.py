@@ -2,7 +2,8 @@
 
 `data/ref_logps.safetensors` (keys `<split>/chosen`, `<split>/rejected`, in row order) lets Stage 5 train without
 running the reference. The cache's metadata holds a hash of the pair ids, the truncation length and the reference
-model's hash: a cache that no longer matches its pairs or model is refused (`StaleRefLogps`).
+model's hash: a cache that no longer matches its pairs or model is refused (`StaleRefLogps`). The file is
+byte-deterministic (io.write_safetensors), so rerunning Stage 3 on the same inputs leaves Stages 5-7 up to date.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from dpoflow.core.batching import (
@@ -90,8 +90,7 @@ def write_ref_logps(
         arrays[f"{split}/rejected"] = np.ascontiguousarray(values.rejected, dtype=np.float32)
         meta[f"{split}/ids_sha256"] = pairs_fingerprint(pairs[split])
         meta[f"{split}/n_pairs"] = str(len(pairs[split]))
-    with io.atomic_path(path) as tmp:
-        save_file(arrays, str(tmp), metadata=meta)
+    io.write_safetensors(path, arrays, metadata=meta)  # sorted header: the same logps give the same bytes
     return Path(path)
 
 

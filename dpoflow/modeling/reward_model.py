@@ -291,7 +291,8 @@ def save_reward_model(rm: RewardModel, out_dir: Path, base_path: Path, base_hash
         head = {"weight": rm.head.weight, "bias": rm.head.bias}
         if "lm_weight" in rm:
             head["lm_weight"] = rm.lm_weight
-        mx.save_safetensors(str(tmp / HEAD_FILE), head, metadata={"format": "mlx"})
+        # sorted: byte-deterministic
+        mx.save_safetensors(str(tmp / HEAD_FILE), dict(sorted(head.items())), metadata={"format": "mlx"})
         write_json(tmp / CONFIG_FILE, config)
     return Path(out_dir)
 

@@ -1,4 +1,5 @@
-"""What we run on: the chip (for per-chip batch sizes), the BLAS MLX uses on Linux, and a matmul probe.
+"""What we run on: the chip (for per-chip batch sizes), the BLAS MLX uses on Linux, a matmul probe, and the
+numerics environment (`numerics_environment`: the labels that decide whether two runs can give the same bytes).
 
 On Linux the `mlx[cpu]` wheel bundles the reference BLAS (~8 GFLOP/s fp32 here). `install_fast_blas` points the
 wheel's bundled BLAS/LAPACK file names at the system OpenBLAS (found by libmlx through its RPATH), which is
@@ -7,6 +8,7 @@ wheel's bundled BLAS/LAPACK file names at the system OpenBLAS (found by libmlx t
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import platform
@@ -14,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 OPENBLAS_DIR = (
@@ -123,8 +126,6 @@ def install_fast_blas(apt: bool = True) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version()}
     for name in ("mlx", "mlx-lm", "lm-eval", "dvc", "dvclive", "transformers", "datasets", "pyarrow", "numpy"):
         try:
@@ -132,3 +133,111 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Numerics environment (issue 21)
+
+UNSET = "(unset)"
+
+
+def _loaded_libraries() -> list[str]:
+    """Shared objects mapped into this process, in load order (Linux: /proc/self/maps; elsewhere none)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    paths = [parts[5] for parts in (line.split(maxsplit=5) for line in lines) if len(parts) == 6]
+    return list(dict.fromkeys(p for p in paths if p.startswith("/") and ".so" in Path(p).name))
+
+
+def _openblas_labels() -> dict[str, str]:
+    """OpenBLAS's own labels, through ctypes, from the BLAS MLX loaded into this process ({} if it is not
+    OpenBLAS): the library file, its build config, the kernel (core type) it picked and its thread count."""
+    for path in _loaded_libraries():
+        if "blas" not in Path(path).name.lower():
+            continue
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        if not all(hasattr(lib, f) for f in ("openblas_get_config", "openblas_get_corename")):
+            continue
+        lib.openblas_get_config.restype = ctypes.c_char_p
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        threads = str(lib.openblas_get_num_threads()) if hasattr(lib, "openblas_get_num_threads") else "unknown"
+        return {
+            "blas_library": path,
+            "blas_config": (lib.openblas_get_config() or b"").decode(errors="replace").strip(),
+            "blas_core": (lib.openblas_get_corename() or b"").decode(errors="replace").strip(),
+            "blas_threads": threads,
+        }
+    return {}
+
+
+def _threadpoolctl_labels() -> dict[str, str]:
+    """The same labels from threadpoolctl when it is installed (MKL, BLIS, or an OpenBLAS ctypes missed)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return {}
+    for info in threadpool_info():
+        if info.get("user_api") == "blas":
+            name = f"{info.get('internal_api', 'blas')} {info.get('version') or ''}".strip()
+            return {
+                "blas_library": str(info.get("filepath", "unknown")),
+                "blas_config": f"{name} ({info.get('threading_layer', 'unknown')} threads)",
+                "blas_core": str(info.get("architecture") or "unknown"),
+                "blas_threads": str(info.get("num_threads", "unknown")),
+            }
+    return {}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def numerics_environment() -> dict[str, str]:
+    """What decides the numerics of a run, as labels (strings: to record beside a run's metrics and compare by eye,
+    never as numbers). The same labels and inputs give the same bytes; another BLAS kernel, thread count, device
+    (Metal, CUDA) or MLX version gives the same gate decisions within their intervals, not the same bytes
+    (docs/remote-and-experiments.md, "What reproduces where").
+
+    Keys: device, chip, blas (kind and path, `blas_in_use`), blas_library, blas_config, blas_core (OpenBLAS's
+    kernel / core type), blas_threads, openblas_coretype / openblas_num_threads / omp_num_threads (the variables
+    that override them), cpu, cpu_count, mlx, mlx-lm, python, platform, machine.
+    """
+    import mlx.core as mx
+
+    mx.eval(mx.ones((2, 2)) @ mx.ones((2, 2)))  # the BLAS is loaded (and has picked its kernel) by now
+    blas = {"blas_library": "n/a", "blas_config": "n/a", "blas_core": "n/a", "blas_threads": "n/a"}
+    blas.update(_openblas_labels() or _threadpoolctl_labels())
+    return {
+        "device": device_name(),
+        "chip": detect_chip(),
+        "blas": blas_in_use(),
+        **blas,
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", UNSET),
+        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS", UNSET),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", UNSET),
+        "cpu": _cpu_model(),
+        "cpu_count": str(os.cpu_count()),
+        "mlx": _version("mlx"),
+        "mlx-lm": _version("mlx-lm"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+    }

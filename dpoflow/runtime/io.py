@@ -1,4 +1,6 @@
-"""Atomic file writes: a killed process never leaves a half-written artifact behind.
+"""Atomic file writes: a killed process never leaves a half-written artifact behind. Deterministic bytes: the same
+content always gives the same file (sorted JSON keys, `write_safetensors`' sorted header), so DVC sees a rerun with
+the same inputs as unchanged.
 
 Every artifact write goes through `atomic_path`: the content is written to a temporary next to the target and
 renamed over it only when complete. A failed write (an exception, a full disk) removes its temporary and leaves
@@ -15,11 +17,14 @@ import json
 import math
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from dpoflow.runtime.distributed import current_rank
 
@@ -104,6 +109,56 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows))
+
+
+SAFETENSORS_DTYPES = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "uint16": "U16",
+    "int16": "I16",
+    "float16": "F16",
+    "uint32": "U32",
+    "int32": "I32",
+    "float32": "F32",
+    "uint64": "U64",
+    "int64": "I64",
+    "float64": "F64",
+}
+
+
+def safetensors_bytes(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The safetensors encoding of numpy `arrays`, byte-deterministic: tensors in sorted name order, header JSON with
+    sorted keys and no spaces, padded with spaces to 8 bytes (safetensors' own writer puts `__metadata__` in hash
+    order, so two saves of the same arrays differ). Format: u64 little-endian header length, header
+    {"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the data."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    blobs, offset = [], 0
+    for name in sorted(arrays):
+        array = np.asarray(arrays[name])
+        dtype = SAFETENSORS_DTYPES.get(array.dtype.name)
+        if dtype is None:
+            raise TypeError(
+                f"write_safetensors: {name!r} has dtype {array.dtype}, not one of {sorted(SAFETENSORS_DTYPES)}"
+            )
+        data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+
+
+def write_safetensors(
+    path: str | os.PathLike, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write numpy arrays as a byte-deterministic safetensors file (`safetensors_bytes`), atomically."""
+    data = safetensors_bytes(arrays, metadata)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def read_json(path: str | os.PathLike) -> Any:
