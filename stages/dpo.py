@@ -16,6 +16,7 @@ from dpoflow.modeling.policy import load_policy, save_policy
 from dpoflow.modeling.reference import read_ref_logps
 from dpoflow.pipeline import dpo
 from dpoflow.runtime import distributed, io
+from dpoflow.runtime.device import numerics_environment
 from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import load_params
 from dpoflow.training.dpo import STAGE_KEYS
@@ -94,7 +95,10 @@ def main(params_path: str) -> None:
     }
     io.write_json("reports/dpo.json", detail)  # with every attempt and KL check
     io.write_json("metrics/dpo.json", io.headline(detail, METRIC_KEYS))
-    io.write_json("reports/perf/dpo.json", {**result.perf, "chip": chip, "batch_size": batch_size})
+    io.write_json(
+        "reports/perf/dpo.json",
+        {**result.perf, "chip": chip, "batch_size": batch_size, "environment": numerics_environment()},
+    )
     shutil.rmtree(CHECKPOINT, ignore_errors=True)  # artifacts are written: nothing left to resume
     m = result.metrics
     fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731

@@ -36,6 +36,7 @@ from dpoflow.reporting.charts import read_tsv
 from dpoflow.reporting.qualitative import qualitative_rows, sheet_indices
 from dpoflow.reporting.report import CURVES, ReportInputs, input_lines, write_report
 from dpoflow.runtime import io
+from dpoflow.runtime.device import numerics_environment
 from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import input_folder, load_params
 
@@ -168,6 +169,7 @@ def _measure(p) -> None:
             "total_seconds": time.perf_counter() - t0,
             "chip": chip,
             "batch_size": batch_size,
+            "environment": numerics_environment(),
         },
     )
     fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731

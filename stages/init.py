@@ -15,6 +15,7 @@ from dpoflow.modeling.policy import save_policy, trainable_parameter_count
 from dpoflow.modeling.reference import write_ref_logps
 from dpoflow.pipeline.init import initialize
 from dpoflow.runtime import io
+from dpoflow.runtime.device import numerics_environment
 from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import load_params
 
@@ -86,7 +87,7 @@ def main(params_path: str) -> None:
     }
     io.write_json("reports/init.json", detail)
     io.write_json("metrics/init.json", io.headline(detail, METRIC_KEYS))
-    io.write_json("reports/perf/init.json", timings)
+    io.write_json("reports/perf/init.json", {**timings, "environment": numerics_environment()})
     n_pairs = sum(len(rows) for rows in pairs.values())
     click.echo(
         f"init: initial KL {kl['kl']:.3g} over {kl['n_tokens']} sampled tokens; reference log-probs of "

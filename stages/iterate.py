@@ -27,6 +27,7 @@ from dpoflow.modeling.reference import read_ref_logps
 from dpoflow.pipeline.iterate import Rounds, run_iteration
 from dpoflow.reporting.iterate_report import render_iterate_report
 from dpoflow.runtime import io
+from dpoflow.runtime.device import numerics_environment
 from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import input_folder, load_params
 from dpoflow.training.dpo import STAGE_KEYS
@@ -183,7 +184,10 @@ def main(params_path: str) -> None:
         "metrics/iterate.json",
         {**io.headline(detail, METRIC_KEYS), "rolled_back": int(result.decision == "rolled_back")},
     )
-    io.write_json("reports/perf/iterate.json", {**result.perf, "chip": chip, "batch_size": batch_size})
+    io.write_json(
+        "reports/perf/iterate.json",
+        {**result.perf, "chip": chip, "batch_size": batch_size, "environment": numerics_environment()},
+    )
     io.write_text("reports/iterate.md", render_iterate_report(detail))
     with live_logger("dvclive/iterate", fresh=True) as logger:  # curves of this run only
         log_rounds(logger, result.rounds)

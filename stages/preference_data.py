@@ -11,6 +11,7 @@ from dpoflow.data import tasks
 from dpoflow.data.decontamination import collect_eval_texts
 from dpoflow.modeling import loading
 from dpoflow.pipeline import preference
+from dpoflow.runtime.device import numerics_environment
 from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import load_params
 
@@ -63,7 +64,7 @@ def main(params_path: str) -> None:
         result,
         OUT,
         metric_keys=METRIC_KEYS,
-        perf_extra={"chip": chip, "batch_size": batch_size},
+        perf_extra={"chip": chip, "batch_size": batch_size, "environment": numerics_environment()},
         judge_info=preference.judge_info(judge),
     )
     click.echo(

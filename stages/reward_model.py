@@ -15,6 +15,7 @@ from dpoflow.modeling import loading
 from dpoflow.modeling.reward_model import save_reward_model
 from dpoflow.pipeline import reward_model
 from dpoflow.runtime import distributed, io
+from dpoflow.runtime.device import numerics_environment
 from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import load_params
 
@@ -64,7 +65,7 @@ def main(params_path: str) -> None:
     detail = {**result, "chip": chip, "batch_size": batch_size, "base_model_hash": base_hash}
     io.write_json("reports/reward_model.json", detail)
     io.write_json("metrics/reward_model.json", io.headline(detail, METRIC_KEYS))
-    io.write_json("reports/perf/reward_model.json", perf)
+    io.write_json("reports/perf/reward_model.json", {**perf, "environment": numerics_environment()})
     shutil.rmtree(CHECKPOINT, ignore_errors=True)  # artifacts are written: nothing left to resume
     flag = " OVERFITTING" if result["overfit"] else ""
     click.echo(

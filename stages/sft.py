@@ -13,6 +13,7 @@ from dpoflow.eval import benchmarks
 from dpoflow.modeling import loading
 from dpoflow.pipeline import sft
 from dpoflow.runtime import distributed, io
+from dpoflow.runtime.device import numerics_environment
 from dpoflow.runtime.errors import user_errors
 from dpoflow.runtime.params import input_folder, load_params
 
@@ -77,7 +78,7 @@ def main(params_path: str) -> None:
         "metrics/sft.json",
         {**io.headline(detail, METRIC_KEYS), **{f"bench_{name}": r["score"] for name, r in bench.items()}},
     )
-    io.write_json("reports/perf/sft.json", perf)
+    io.write_json("reports/perf/sft.json", {**perf, "environment": numerics_environment()})
     shutil.rmtree(CHECKPOINT, ignore_errors=True)  # artifacts are written: nothing left to resume
     scores = ", ".join(f"{name} {r['score']:.3f}" for name, r in bench.items())
     accuracy = f", val_accuracy {result['val_accuracy']:.3f}" if "val_accuracy" in result else ""

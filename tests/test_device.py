@@ -1,5 +1,5 @@
 """The numerics environment (issue 21): the labels that decide whether two runs can give the same bytes, from
-`device.numerics_environment()`, `environment.write_environment(path)` and `python -m dpoflow doctor`."""
+`device.numerics_environment()` and `python -m dpoflow doctor`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from click.testing import CliRunner
 
 from dpoflow.__main__ import cli
 from dpoflow.runtime.device import numerics_environment
-from dpoflow.runtime.environment import write_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {
@@ -71,15 +70,6 @@ def test_blas_labels_come_from_the_loaded_library(env):
     other = json.loads(proc.stdout)
     assert other["openblas_coretype"] == "Prescott" and other["blas_core"].lower() == "prescott"
     assert other["openblas_num_threads"] == "1" and other["blas_threads"] == "1"
-
-
-def test_write_environment_writes_the_labels_as_json(tmp_path, env):
-    path = tmp_path / "metrics" / "perf" / "sft.environment.json"
-    written = write_environment(path)
-    assert json.loads(path.read_text()) == written and set(written) == KEYS
-    assert {k: written[k] for k in ("mlx", "mlx-lm", "blas_config", "blas_core")} == {
-        k: env[k] for k in ("mlx", "mlx-lm", "blas_config", "blas_core")
-    }
 
 
 def test_doctor_prints_the_numerics_environment(env):
