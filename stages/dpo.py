@@ -32,7 +32,9 @@ HELDOUT_TASKS = Path("data/tasks/heldout.jsonl")
 OUT = Path("models/dpo")
 METRIC_KEYS = {
     "kl": "kl",
+    "kl_ci_high": "kl_ci_high",
     "heldout_gap": "heldout_gap",
+    "heldout_gap_ci_low": "heldout_gap_ci_low",
     "heldout_accuracy": "heldout_accuracy",
     "dpo_train_loss": "train.loss",
     "learning_rate": "learning_rate",

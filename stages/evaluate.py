@@ -27,6 +27,7 @@ from dpoflow.data.prompts import prompt_of
 from dpoflow.eval import benchmarks
 from dpoflow.eval.human import export_human_sheet, import_human_ratings
 from dpoflow.eval.measure import kl_prompt_messages, make_probe
+from dpoflow.eval.retention import paired_benchmark_retention
 from dpoflow.eval.weakness import breakdown_deltas, judged_breakdown
 from dpoflow.modeling import loading
 from dpoflow.modeling.chain import export_final
@@ -59,10 +60,13 @@ METRICS = Path("metrics/evaluate.json")
 DETAIL = REPORTS / "evaluate.json"
 METRIC_KEYS = {
     "retention": "retention",
+    "retention_ci_low": "retention_ci_low",
     "win_rate": "win_rate",
     "win_rate_ci_low": "win_rate_ci_low",
     "final_kl": "kl",
+    "final_kl_ci_high": "kl_ci_high",
     "final_heldout_gap": "heldout_gap",
+    "final_heldout_gap_ci_low": "heldout_gap_ci_low",
     "contaminated_pairs": "contaminated_pairs",
     "win_rate_position_bias": "judge_position_bias_rate",
 }  # and final_<task> per benchmark (Stage 1 wrote bench_<task>)
@@ -80,7 +84,7 @@ def _measure(p) -> None:
     info = export_final(SFT, SELECTED, FINAL, dtype=p.model.dtype)
     click.echo(f"exported round {info['selected_round']} -> {FINAL} (standalone mlx-lm folder, adapters fused)")
     t1 = time.perf_counter()
-    bench = benchmarks.run_benchmarks(
+    bench = benchmarks.run_benchmarks_per_document(
         FINAL,
         p.benchmarks.tasks,
         include_path=[SPLITS / "lm_eval", input_folder(p, "benchmarks")],
@@ -89,7 +93,8 @@ def _measure(p) -> None:
         batch_size=p.benchmarks.batch_size,
     )
     final_scores = {name: r["score"] for name, r in bench.items()}
-    baseline = io.read_json(SFT_DETAIL).get("benchmarks") or {}
+    sft_detail = io.read_json(SFT_DETAIL)
+    baseline = sft_detail.get("benchmarks") or {}
     t2 = time.perf_counter()
 
     final_model, tokenizer = loading.load_model(FINAL, dtype=p.model.dtype)  # loads exactly what is shipped
@@ -125,6 +130,20 @@ def _measure(p) -> None:
         eval_texts=collect_eval_texts(SPLITS, template_items=template_items),
     )
     metrics, judgments, perf = run_evaluation(ev)
+    # Retention paired by document (the same documents as Stage 1's): its interval is what the gate can bound.
+    # With no informative task the point stays the ratio of the flat scores and the bound is undefined.
+    base_docs = {t: d for t, d in (sft_detail.get("benchmark_documents") or {}).items() if d and t in bench}
+    paired = paired_benchmark_retention(
+        base_docs,
+        {t: bench[t]["docs"] for t in base_docs},
+        None,
+        confidence=p.gates.confidence,
+        samples=p.evaluate.bootstrap_samples,
+        seed=p.seed,
+    )
+    metrics |= {"retention_of_flat_scores": metrics["retention"], **paired}
+    if paired["retention_pooled"] is not None:
+        metrics["retention"] = paired["retention_pooled"]
     if getattr(judge, "position_bias_rate", None) is not None:  # the llm judge: how often the order decided
         metrics["judge_position_bias_rate"] = judge.position_bias_rate
     sft_by_category = judged_breakdown(items, judgments, "score_baseline", seed=p.seed)

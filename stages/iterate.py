@@ -45,7 +45,14 @@ HELDOUT_PAIRS = Path("data/heldout_pairs.parquet")
 REF_LOGPS = Path("data/ref_logps.safetensors")
 OUT = Path("models/selected")
 ROUND_PAIRS = Path("data/rounds")
-METRIC_KEYS = ("selected_round", "selected_kl", "selected_heldout_gap", "n_rounds_run")  # and rolled_back (0/1)
+METRIC_KEYS = (
+    "selected_round",
+    "selected_kl",
+    "selected_kl_ci_high",
+    "selected_heldout_gap",
+    "selected_heldout_gap_ci_low",
+    "n_rounds_run",
+)  # and rolled_back (0/1)
 WORK = Path("checkpoints/iterate")  # round states of a killed run (not a DVC output)
 
 

@@ -29,6 +29,7 @@ CONTRADICTIONS = Path("data/rm_contradictions.jsonl")
 CHECKPOINT = Path("checkpoints/reward_model")  # resume point of a killed run (not a DVC output)
 METRIC_KEYS = {
     "rm_accuracy": "val_accuracy",
+    "rm_accuracy_ci_low": "val_accuracy_ci_low",
     "rm_train_accuracy": "train_accuracy",
     "rm_overfit_gap": "overfit_gap",
     "n_contradictions": "n_contradictions",

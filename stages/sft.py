@@ -23,7 +23,7 @@ from resume import run_fingerprint
 BASE = Path("models/base")
 SPLITS = Path("data/tasks")
 OUT = Path("models/sft")
-METRIC_KEYS = ("train_loss", "val_loss", "val_accuracy")  # and bench_<task> per benchmark
+METRIC_KEYS = ("train_loss", "val_loss", "val_accuracy", "val_accuracy_ci_low")  # and bench_<task> per benchmark
 CHECKPOINT = Path("checkpoints/sft")  # resume point of a killed run (not a DVC output)
 
 
@@ -57,7 +57,7 @@ def main(params_path: str) -> None:
         return
     loading.save_model(model, tokenizer, OUT, io.read_json(BASE / "config.json"))
     bench = distributed.alone(
-        benchmarks.run_benchmarks,
+        benchmarks.run_benchmarks_per_document,
         OUT,
         p.benchmarks.tasks,
         include_path=[SPLITS / "lm_eval", input_folder(p, "benchmarks")],
@@ -71,6 +71,7 @@ def main(params_path: str) -> None:
         "chip": chip,
         "batch_size": batch_size,
         "benchmarks": {name: r["score"] for name, r in bench.items()},
+        "benchmark_documents": {name: r["docs"] for name, r in bench.items()},  # Stage 7 pairs its scores with these
         "model_hash": loading.model_hash(OUT),
     }
     io.write_json("reports/sft.json", detail)  # Stage 7's baseline benchmark scores are read from here

@@ -166,7 +166,7 @@ def test_stops_without_a_rule_without_a_verdict_and_when_nothing_changes(tmp_pat
     crash_result = run(lambda args: (2, "boom") if args[:2] == ["exp", "run"] else crash(args), 5)
     assert crash_result.status == "error" and "without a failing gate verdict" in crash_result.message
 
-    capped = FakeDvc(tmp_path, lambda p: {"evaluate": ["win_rate_ci_low"]})
+    capped = FakeDvc(tmp_path, lambda p: {"evaluate": ["win_rate"]})
     capped.params["preference"]["samples_per_prompt"] = 24
     capped.write_params()
     result = run(capped, 5)
@@ -186,7 +186,7 @@ def test_rule_table_arithmetic_and_set_args():
     expected = ["-S", "dpo.beta=0.45", "-S", "iterate.max_steps=30"]
     assert set_args({"dpo.beta": 0.45, "iterate.max_steps": 30}) == expected
     assert set_args({"dpo.beta": 0.45}, "other.yaml") == ["-S", "other.yaml:dpo.beta=0.45"]
-    assert {("evaluate", "retention"), ("dpo", "kl"), ("evaluate", "win_rate_ci_low")} <= set(RULES)
+    assert {("evaluate", "retention"), ("dpo", "kl"), ("evaluate", "win_rate")} <= set(RULES)
 
 
 def load_params_like():

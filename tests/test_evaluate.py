@@ -78,12 +78,13 @@ def test_win_rate_ties_count_half_and_known_interval():
 
 def test_alignment_improved_only_when_the_interval_clears_one_half():
     p = params()
-    base = {"retention": 100.0, "final_kl": 0.01, "final_heldout_gap": 0.3, "contaminated_pairs": 0}
+    base = {"retention": 100.0, "retention_ci_low": 99.0, "final_kl": 0.01, "final_heldout_gap": 0.3}
+    base["contaminated_pairs"] = 0
     clear = win_rate([1.0] * 70 + [0.0] * 30, 2000)
     unclear = win_rate([1.0] * 11 + [0.0] * 9, 2000)  # 0.55 but the interval includes 0.5
-    assert deploy_decision({**base, "win_rate_ci_low": clear["ci_low"]}, p)["deploy"] is True
-    decision = deploy_decision({**base, "win_rate_ci_low": unclear["ci_low"]}, p)
-    assert decision["deploy"] is False and decision["failed"] == ["win_rate_ci_low"]
+    assert deploy_decision({**base, "win_rate": 0.7, "win_rate_ci_low": clear["ci_low"]}, p)["deploy"] is True
+    decision = deploy_decision({**base, "win_rate": 0.55, "win_rate_ci_low": unclear["ci_low"]}, p)
+    assert decision["deploy"] is False and decision["failed"] == ["win_rate"]
 
 
 class StubJudge(Judge):
@@ -361,6 +362,7 @@ def project(tmp_path, final_benchmarks, win=(0.62, 0.55, 0.69)):
         root / "metrics" / "evaluate.json",
         {
             "retention": ret["retention"],
+            "retention_ci_low": ret["retention"] - 3.0,  # the gate checks this bound (gates.bound)
             "retention_per_benchmark": ret["retention_per_benchmark"],
             "retention_notes": ret["notes"],
             "benchmarks": final_benchmarks,

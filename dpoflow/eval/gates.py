@@ -35,22 +35,40 @@ class Check:
     advice: str  # what the workflow prescribes when the check fails
     blocking: bool = True  # False: a flag (reported and recorded, does not fail the gate)
     applies: bool = True  # False: this data has nothing to check it on (e.g. accuracy without a verifier)
+    on_bound: bool = False  # compare the confidence bound on the failing side (gates.bound), not the point
+
+    @property
+    def bound_metric(self) -> str:
+        """The interval end a bound check reads: the lower one for >= / >, the upper one for <=."""
+        return f"{self.metric}_ci_high" if self.op == "<=" else f"{self.metric}_ci_low"
 
 
 @dataclass(frozen=True)
 class CheckResult:
     check: Check
-    value: float | None
+    value: float | None  # what was compared: the point, or the bound for an on_bound check
     passed: bool
+    point: float | None = None
+    bound: float | None = None  # the failing-side interval end, when the metrics carry it
 
     def message(self) -> str:
         c = self.check
         if self.value is None:
-            return f"{c.label}: metric `{c.metric}` missing from the metrics file: rerun the stage"
+            missing = c.bound_metric if c.on_bound else c.metric
+            return f"{c.label}: metric `{missing}` missing from the metrics file: rerun the stage"
         verdict = "ok" if self.passed else f"{'FAILED' if c.blocking else 'WARNING (flag, not blocking)'}: {c.advice}"
         negated = {">=": "<", "<=": ">", ">": "<=", "==": "!="}[c.op]
         shown = c.op if self.passed else negated
-        return f"{c.label} {self.value:.4g} {shown} {c.threshold:.4g} ({c.param}): {verdict}"
+        side = "upper" if c.op == "<=" else "lower"
+        if c.on_bound:
+            compared = f"{side} bound {self.value:.4g} (point {_num(self.point)})"
+        else:
+            compared = f"{self.value:.4g}" + ("" if self.bound is None else f" ({side} bound {self.bound:.4g})")
+        return f"{c.label} {compared} {shown} {c.threshold:.4g} ({c.param}): {verdict}"
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def gate_checks(stage: str, p: Params) -> list[Check]:
@@ -188,8 +206,8 @@ def gate_checks(stage: str, p: Params) -> list[Check]:
                 "(more gradual training)",
             ),
             Check(
-                "win_rate_ci_low",
-                "win rate 95% CI lower bound",
+                "win_rate",
+                "win rate",
                 ">",
                 p.evaluate.min_win_rate_lower,
                 "evaluate.min_win_rate_lower",
@@ -223,7 +241,8 @@ def gate_checks(stage: str, p: Params) -> list[Check]:
     }
     if stage not in checks:
         raise KeyError(f"unknown gate {stage!r}; gates: {', '.join(checks)}")
-    return [c for c in checks[stage] if c.applies]
+    bound = set(p.gates.bound)
+    return [dataclasses.replace(c, on_bound=c.metric in bound) for c in checks[stage] if c.applies]
 
 
 def lookup(metrics: dict, dotted: str) -> Any:
@@ -259,16 +278,21 @@ class GateResult:
             "stage": self.stage,
             "passed": self.passed,
             "warnings": [r.check.metric for r in self.warnings],
-            "checks": [{**asdict(r.check), "value": r.value, "passed": r.passed} for r in self.results],
+            "checks": [
+                {**asdict(r.check), "value": r.value, "point": r.point, "bound": r.bound, "passed": r.passed}
+                for r in self.results
+            ],
         }
 
 
 def evaluate_gate(stage: str, metrics: dict, p: Params) -> GateResult:
     results = []
     for check in gate_checks(stage, p):
-        value = lookup(metrics, check.metric)
-        ok = isinstance(value, (int, float)) and _OPS[check.op](float(value), float(check.threshold))
-        results.append(CheckResult(check, None if value is None else float(value), bool(ok)))
+        point, bound = lookup(metrics, check.metric), lookup(metrics, check.bound_metric)
+        point, bound = (None if v is None else float(v) for v in (point, bound))
+        value = bound if check.on_bound else point
+        ok = value is not None and _OPS[check.op](value, float(check.threshold))
+        results.append(CheckResult(check, value, bool(ok), point=point, bound=bound))
     return GateResult(stage, results)
 
 

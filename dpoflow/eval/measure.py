@@ -285,6 +285,7 @@ class Probe:
     batch_size: int  # pairs per held-out forward
     accuracy_items: Sequence[Mapping[str, Any]] = ()  # task items for greedy accuracy (verifier data only)
     system_prompt: str | None = None
+    confidence: float | None = None  # intervals of every measurement (gates.confidence); None = points only
 
 
 def measure_policy(
@@ -305,7 +306,9 @@ def measure_policy(
     With a `confidence` (evaluate.confidence), also the intervals, seeded by probe.seed: kl_ci_low, kl_ci_high, kl_n
     (prompts); heldout_gap_ci_low, heldout_gap_ci_high, heldout_gap_n and heldout_accuracy_ci_low,
     heldout_accuracy_ci_high, heldout_accuracy_n (pairs); with `accuracy`, task_accuracy_ci_low,
-    task_accuracy_ci_high, task_accuracy_n (items). The point values are the same with or without it."""
+    task_accuracy_ci_high, task_accuracy_n (items). The point values are the same with or without it. Default: the
+    probe's confidence."""
+    confidence = probe.confidence if confidence is None else confidence
     t0 = time.perf_counter()
     kl = measure_kl(
         model,
@@ -386,4 +389,5 @@ def make_probe(
         batch_size=2 * batch_size,
         accuracy_items=accuracy_items,
         system_prompt=p.data.system_prompt or None,
+        confidence=p.gates.confidence,
     )

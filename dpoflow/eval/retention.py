@@ -146,7 +146,7 @@ def _line(row: Mapping[str, Any], confidence: float, power: float) -> str:
 def paired_benchmark_retention(
     baseline: Mapping[str, Any],
     final: Mapping[str, Any],
-    min_retention: float,
+    min_retention: float | None,
     confidence: float = CONFIDENCE,
     samples: int = SAMPLES,
     seed: int = 0,
@@ -209,7 +209,8 @@ def paired_benchmark_retention(
         ),
         f"{name}_note": res["pooled_note"],
     }
-    out[f"{name}_gate"] = retention_gate(out[f"{name}_ci_low"], min_retention, name)
+    if min_retention is not None:  # None: a measurement only (Stage 7's gate applies the threshold)
+        out[f"{name}_gate"] = retention_gate(out[f"{name}_ci_low"], min_retention, name)
     return json_safe(out)
 
 

@@ -160,6 +160,7 @@ def head_to_head(
     seed: int,
     bootstrap_samples: int,
     batch_size: int,
+    confidence: float = CONFIDENCE,
 ) -> tuple[dict, list[dict]]:
     """Win rate (with its bootstrap interval) of the final model's responses over the SFT model's, and the
     per-prompt judgments, for one decoding."""
@@ -171,4 +172,5 @@ def head_to_head(
         sft_model, tokenizer, prompts, max_tokens, temperature, seed, batch_size, f"SFT responses, {label}"
     )
     judgments = pairwise_judgments(judge, list(items), list(prompts), final_texts, base_texts)
-    return win_rate([j["outcome"] for j in judgments], bootstrap_samples=bootstrap_samples, seed=seed), judgments
+    outcomes = [j["outcome"] for j in judgments]
+    return win_rate(outcomes, bootstrap_samples=bootstrap_samples, seed=seed, confidence=confidence), judgments

@@ -93,7 +93,7 @@ RULES: dict[tuple[str, str], Rule] = {
         (Change("dpo.beta", "x", 1.5),),
         "a larger beta holds the policy closer to the reference",
     ),
-    ("evaluate", "win_rate_ci_low"): Rule(
+    ("evaluate", "win_rate"): Rule(
         "alignment not improved (win-rate lower bound at or under evaluate.min_win_rate_lower)",
         (Change("preference.samples_per_prompt", "x", 1.5, limit=32),),
         "more samples per prompt: more prompts with a right/wrong pair, so more (and more varied) pairs",

@@ -14,6 +14,7 @@ from dpoflow.data import tasks
 from dpoflow.data.benchmark_tasks import LOCAL_TASKS
 from dpoflow.data.judges import JudgeError, PythonJudge
 from dpoflow.eval.benchmarks import non_local_tasks
+from dpoflow.eval.gates import gate_checks
 from dpoflow.modeling.tiny import make_tiny_model
 from dpoflow.runtime.params import (
     INPUT_PARAMS,
@@ -60,6 +61,23 @@ def check_benchmarks(p: Params) -> None:
             f"params.yaml: benchmarks.tasks: {missing[0]!r} is not a local task ({', '.join(LOCAL_TASKS)}), a task "
             f"defined in {input_folder(p, 'benchmarks')}/*.yaml, or an lm-eval task"
         )
+
+
+GATED_STAGES = ("sft", "preference_data", "init", "reward_model", "dpo", "iterate", "evaluate")
+
+
+def check_gates(p: Params) -> None:
+    """gates.bound names checks a gate makes (their metric names), and limits per task name listed tasks."""
+    checked = {c.metric for stage in GATED_STAGES for c in gate_checks(stage, p)}
+    unknown = [name for name in p.gates.bound if name not in checked]
+    if unknown:
+        raise ParamsError(
+            f"params.yaml: gates.bound: {unknown[0]!r} is not a gated metric; allowed: {', '.join(sorted(checked))}"
+        )
+    limit = p.benchmarks.limit
+    stray = [t for t in limit if t not in p.benchmarks.tasks] if isinstance(limit, dict) else []
+    if stray:
+        raise ParamsError(f"params.yaml: benchmarks.limit.{stray[0]}: not in benchmarks.tasks")
 
 
 def check_embedded_tasks(p: Params) -> None:
@@ -135,6 +153,7 @@ def check_params(path: str | Path) -> Params:
         check_inputs(p)
         check_judges(p)
         check_benchmarks(p)
+        check_gates(p)
     except ParamsError as err:  # the checks name params.yaml, as load_params does: say which file (--params)
         message = str(err)
         if message.startswith("params.yaml:"):

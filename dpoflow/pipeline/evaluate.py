@@ -70,6 +70,7 @@ def run_evaluation(ev: Evaluation) -> tuple[dict, list[dict], dict]:
         p.seed,
         pe.bootstrap_samples,
         GENERATION_BATCH_SIZE,
+        p.gates.confidence,
     )
     other_temperature = 0.0 if temperature > 0 else OTHER_DECODING_TEMPERATURE
     wr_other, _ = head_to_head(
@@ -84,6 +85,7 @@ def run_evaluation(ev: Evaluation) -> tuple[dict, list[dict], dict]:
         p.seed,
         pe.bootstrap_samples,
         GENERATION_BATCH_SIZE,
+        p.gates.confidence,
     )
     t1 = time.perf_counter()
     measured, _ = measure_policy(ev.final_model, ev.tokenizer, ev.probe, ev.sft_model)
@@ -102,6 +104,7 @@ def run_evaluation(ev: Evaluation) -> tuple[dict, list[dict], dict]:
         "win_rate": wr["win_rate"],
         "win_rate_ci_low": wr["ci_low"],
         "win_rate_ci_high": wr["ci_high"],
+        "win_rate_sign_p": wr.get("sign_test_p"),  # exact sign test on the non-tied outcomes (two-sided)
         "win_rate_detail": {
             k: wr[k] for k in ("n", "wins", "ties", "losses", "bootstrap_samples", "confidence", "seed")
         }

@@ -145,7 +145,9 @@ class IterateResult:
             {
                 "selected_round": self.selected_round,
                 "selected_kl": sel.get("kl"),
+                "selected_kl_ci_high": sel.get("kl_ci_high"),
                 "selected_heldout_gap": sel.get("heldout_gap"),
+                "selected_heldout_gap_ci_low": sel.get("heldout_gap_ci_low"),
                 "selected_task_accuracy": sel.get("task_accuracy"),
                 "selected_benchmark_mean": sel.get("benchmark_mean"),
                 "selected_reference": sel.get("reference"),

@@ -45,5 +45,6 @@ def train(
         logger=logger,
         checkpoint_dir=checkpoint_dir,
         fingerprint=fingerprint,
+        confidence=p.gates.confidence,
     )
     return rm, result

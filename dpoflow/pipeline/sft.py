@@ -10,6 +10,7 @@ from typing import Any
 
 import mlx.nn as nn
 
+from dpoflow.eval.intervals import proportion_metrics
 from dpoflow.eval.measure import greedy_accuracy
 from dpoflow.modeling import lora
 from dpoflow.runtime.params import Params
@@ -58,4 +59,7 @@ def train(
         fingerprint=fingerprint,
     )
     lora.fuse_lora(model)
+    if result.get("val_accuracy") is not None:  # its Wilson interval over the validation items
+        n = len(val_items)
+        result |= proportion_metrics("val_accuracy", round(result["val_accuracy"] * n), n, p.gates.confidence)
     return result

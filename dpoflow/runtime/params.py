@@ -12,11 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
-
 from dpoflow.runtime.device import detect_chip
-from dpoflow.runtime.schema import ParamsError, _build, _check_value, _spec
+from dpoflow.runtime.schema import ParamsError, _build, _check_value, _spec, read_params_file
 
 # Every choice list of the project, declared once: a params field annotated with one of these Literals accepts
 # exactly its values, and the library modules import the tuples from here.
@@ -114,7 +111,7 @@ class SftParams:
 @dataclass(frozen=True)
 class BenchmarkParams:
     tasks: list = field(default_factory=list)
-    limit: int | None = _spec(40, low=1)
+    limit: int | dict | None = _spec(40, low=1)  # documents per task, or {task: documents}; null = every document
     batch_size: int = _spec(16, low=1)
 
 
@@ -239,6 +236,12 @@ class DistributedParams:
 
 
 @dataclass(frozen=True)
+class GatesParams:
+    confidence: float = _spec(0.9, low=0.5, high=0.999)  # of the two-sided intervals; a bound is one-sided (1 + c) / 2
+    bound: list = field(default_factory=lambda: ["retention", "win_rate"])  # checks on a bound; the rest on the point
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = _spec(0, low=0)
     chip: Literal["auto", Chip] = "auto"
@@ -256,6 +259,7 @@ class Params:
     iterate: IterateParams = field(default_factory=IterateParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     distributed: DistributedParams = field(default_factory=DistributedParams)
+    gates: GatesParams = field(default_factory=GatesParams)
 
     def stage_judge(self, stage: str) -> str:
         """The judge of Stage 2 ("preference"), Stage 6 ("iterate") or Stage 7 ("evaluate"): iterate.judge and
@@ -422,20 +426,6 @@ def _check_judges(params: Params) -> None:
     used = {params.stage_judge(stage) for stage in ("preference", "iterate", "evaluate")}
     if "llm" in used and not params.judges.model:
         raise ParamsError("params.yaml: judges.model: missing; the llm judge needs a local model (folder or .gguf)")
-
-
-def read_params_file(path: str | Path) -> dict:
-    """The params file as DVC reads it (YAML 1.2, ruamel: `1e-4` is a number, as DVC compares it)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: not found; run from the project root or pass --params") from None
-    try:
-        raw = YAML(typ="safe", pure=True).load(text)
-    except YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
-    return raw if raw is not None else {}
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

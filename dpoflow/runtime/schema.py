@@ -7,9 +7,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import field, fields
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import click
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 
 class ParamsError(click.ClickException, ValueError):
@@ -46,6 +49,8 @@ def _check_value(key: str, value: Any, typ: Any, meta: dict) -> Any:
             return None
         raise ParamsError(f"params.yaml: {key}: null is not allowed")
     base = next((a for a in getattr(typ, "__args__", ()) if a is not type(None)), typ) if optional else typ
+    if isinstance(value, dict) and dict in get_args(typ):  # a mapping name -> value (e.g. a limit per task)
+        return {str(k): _check_value(f"{key}.{k}", v, base, meta) for k, v in value.items()}
     if base is bool:
         if not isinstance(value, bool):
             raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; use true or false")
@@ -98,3 +103,17 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         else:
             kwargs[f.name] = _check_value(key, raw[f.name], typ, dict(f.metadata))
     return cls(**kwargs)
+
+
+def read_params_file(path: str | Path) -> dict:
+    """The params file as DVC reads it (YAML 1.2, ruamel: `1e-4` is a number, as DVC compares it)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run from the project root or pass --params") from None
+    try:
+        raw = YAML(typ="safe", pure=True).load(text)
+    except YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    return raw if raw is not None else {}

@@ -71,6 +71,7 @@ DISPLACEMENT_FRACTION = 0.1  # likelihood displacement: first vs last 10% of the
 ATTEMPTS_FILE = "attempts.json"
 # What an attempt's KL check records (the measurement may return more).
 CHECK_KEYS = ("kl", "kl_seq", "k3", "heldout_gap", "heldout_accuracy", "heldout_margin")
+INTERVAL_KEYS = tuple(f"{m}_{b}" for m in ("kl", "heldout_gap", "heldout_accuracy") for b in ("ci_low", "ci_high", "n"))
 
 # The dpo.* params a DPO pass reads (Stage 5 and every Stage 6 round; dvc.yaml lists exactly these). lora_* and
 # finetune belong to Stage 3 (the policy it initializes); max_kl and min_heldout_gap to the gates.
@@ -269,7 +270,7 @@ def train_dpo(
         start = time.perf_counter()
         measured = measure(step)
         timers["eval_seconds"] += time.perf_counter() - start
-        out = {k: measured[k] for k in CHECK_KEYS if k in measured}
+        out = {k: measured[k] for k in CHECK_KEYS + INTERVAL_KEYS if k in measured}
         if not out["kl"] <= p.kl_target:  # NaN counts as over
             raise StopTraining(f"KL {out['kl']:.4g} > dpo.kl_target {p.kl_target:g} at step {step}", out)
         return out
@@ -356,6 +357,7 @@ def train_dpo(
         "heldout_gap": final["heldout_gap"],
         "heldout_accuracy": final["heldout_accuracy"],
         "heldout_margin": final["heldout_margin"],
+        **{k: final[k] for k in INTERVAL_KEYS if k in final},  # with the probe's confidence (gates.confidence)
         "kl_target": p.kl_target,
         "kl_target_met": met,
         "kl_step": final["step"],
