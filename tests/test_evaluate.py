@@ -519,3 +519,47 @@ def test_report_screenshot_is_not_blank(tmp_path):
     lo, hi = image.getextrema()
     assert hi - lo > 100  # text, plots and the decision banner: far from one flat colour
     assert len(set(image.resize((100, 140)).getdata())) > 20
+
+
+def test_the_report_says_what_the_retention_evidence_shows():
+    from dpoflow.reporting.evidence import check_rows, retention_bars, retention_shown
+
+    row = {"retention": 101.0, "ci_low": 96.0, "ci_high": 106.0, "informative": 1, "reason": None}
+    flat = {"retention": 100.0, "ci_low": 100.0, "ci_high": 100.0, "informative": 0, "reason": "both means <= 0.02"}
+    ev = {
+        "retention": 101.0,
+        "retention_ci_low": 96.5,
+        "retention_ci_high": 105.0,
+        "retention_confidence": 0.9,
+        "retention_tasks": {"gen": row, "humaneval": flat},
+    }
+    text = retention_shown(ev, 95.0)
+    assert text.startswith("Retention >= 95% shown at 95% confidence (one-sided lower bound 96.5%) on 1 of 2")
+    assert "humaneval uninformative (both means <= 0.02)" in text
+    assert "not shown" in retention_shown(ev, 97.0)
+    assert retention_shown({**ev, "retention_ci_low": None}, 95.0).startswith("Retention not shown")
+    bars = retention_bars(ev)
+    assert bars[0] == ("gen", 101.0, (96.0, 106.0)) and bars[-1] == ("pooled", 101.0, (96.5, 105.0))
+    assert bars[1][0] == "humaneval (uninformative)"
+    check = {"label": "retention", "op": ">=", "threshold": 95.0, "param": "evaluate.min_retention", "passed": True}
+    (bound_row,) = check_rows({"checks": [{**check, "value": 96.5, "point": 101.0, "bound": 96.5, "on_bound": True}]})
+    assert bound_row[1] == "96.5 (lower bound; point 101)" and bound_row[-1] == "pass"
+    (point_row,) = check_rows({"checks": [{**check, "value": 101.0, "point": 101.0, "bound": 96.5}]})
+    assert point_row[1] == "101 (lower bound 96.5)"
+
+
+def test_a_gate_checks_the_bound_it_is_told_to_and_prints_both():
+    from dpoflow.eval.gates import evaluate_gate
+
+    ev = {"retention": 100.0, "retention_ci_low": 93.0, "final_kl": 0.05, "final_kl_ci_high": 0.12}
+    ev |= {"final_heldout_gap": 0.3, "win_rate": 0.6, "win_rate_ci_low": 0.55, "contaminated_pairs": 0}
+    on_bound = evaluate_gate("evaluate", ev, params(gates={"bound": ["retention", "win_rate"]}))
+    assert not on_bound.passed and [r.check.metric for r in on_bound.results if not r.passed] == ["retention"]
+    assert "capability retention % lower bound 93 (point 100) < 95" in on_bound.report()
+    on_point = evaluate_gate("evaluate", ev, params(gates={"bound": ["win_rate"]}))
+    assert on_point.passed and "capability retention % 100 (lower bound 93) >= 95" in on_point.report()
+    kl_bound = evaluate_gate("evaluate", ev, params(gates={"bound": ["final_kl"]}))
+    assert [r.check.metric for r in kl_bound.results if not r.passed] == ["final_kl"]
+    assert "upper bound 0.12 (point 0.05) > 0.1" in kl_bound.report()
+    missing = evaluate_gate("evaluate", {**ev, "retention_ci_low": None}, params())
+    assert not missing.passed and "metric `retention_ci_low` missing" in missing.report()

@@ -62,6 +62,9 @@ def deploy_decision(
             "threshold": r.check.threshold,
             "param": r.check.param,
             "value": r.value,
+            "point": r.point,
+            "bound": r.bound,
+            "on_bound": r.check.on_bound,
             "passed": r.passed,
             "message": r.message(),
         }

@@ -14,6 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from dpoflow.reporting.charts import Series, bar_chart, esc, fmt, line_chart
+from dpoflow.reporting.evidence import (
+    category_rows,
+    check_rows,
+    pct,
+    retention_bars,
+    retention_shown,
+    targeting_lines,
+)
 from dpoflow.reporting.qualitative import render_qualitative_html, render_qualitative_markdown
 from dpoflow.runtime import io
 from dpoflow.runtime.params import Params
@@ -90,21 +98,6 @@ def collect(inputs: ReportInputs) -> dict:
     }
 
 
-def _category_rows(ev: Mapping[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
-    """(category, n, SFT, final, change, moved) per category of the win-rate prompts, judged as the win rate is."""
-    cats = ev.get("categories") or {}
-    return [
-        (name, str(d["n_after"]), fmt(d["before"]), fmt(d["after"]), fmt(d["delta"]), d["moved"] or "–")
-        for name, d in sorted((cats.get("deltas") or {}).items())
-    ]
-
-
-def _targeting_lines(it: Mapping[str, Any] | None) -> list[str]:
-    """One line per targeted Stage 6 round: which categories it aimed at and whether they moved."""
-    summaries = ((it or {}).get("targeting") or {}).get("summaries") or {}
-    return [f"round {k}: {s['text']}" for k, s in sorted(summaries.items(), key=lambda kv: int(kv[0]))]
-
-
 def plots(data: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     """{file stem: (title, svg)} in report order."""
     ev, th = data["evaluate"], data["thresholds"]
@@ -154,23 +147,24 @@ def plots(data: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     )
     wr = ev.get("win_rate")
     ci = (ev.get("win_rate_ci_low"), ev.get("win_rate_ci_high"))
+    conf = pct((ev.get("win_rate_detail") or {}).get("confidence"))
     out["win_rate"] = (
-        "Win rate vs SFT with 95% interval",
+        f"Win rate vs SFT with {conf} interval",
         bar_chart(
-            "Win rate vs the SFT model (ties = 1/2), 95% bootstrap interval",
+            f"Win rate vs the SFT model (ties = 1/2), {conf} bootstrap interval",
             [("final vs SFT", wr, ci if None not in ci else None)],
             "win rate",
             hlines=[(th["min_win_rate_lower"], f"lower bound must exceed {th['min_win_rate_lower']:g}")],
             y_range=(0, 1),
         ),
     )
-    per = ev.get("retention_per_benchmark") or {}
-    top = max([110.0] + [v * 1.08 for v in per.values() if v is not None])
+    bars = retention_bars(ev)
+    top = max([110.0] + [x * 1.08 for _, v, ci in bars for x in (v, *(ci or ())) if x is not None and x < 1e6])
     out["retention"] = (
         "Capability retention per benchmark",
         bar_chart(
-            "Capability retention per benchmark (% of SFT)",
-            [(name, value, None) for name, value in sorted(per.items())] + [("overall", ev.get("retention"), None)],
+            f"Capability retention per benchmark (% of SFT), paired {pct(ev.get('retention_confidence'))} interval",
+            bars,
             "% of SFT",
             hlines=[(100.0, "100 %"), (th["min_retention"], f"evaluate.min_retention {th['min_retention']:g}")],
             y_range=(0, top),
@@ -179,24 +173,19 @@ def plots(data: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _check_rows(deploy: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
-    return [
-        (c["label"], fmt(c["value"]), f"{c['op']} {fmt(c['threshold'])}", c["param"], "pass" if c["passed"] else "FAIL")
-        for c in deploy["checks"]
-    ]
-
-
 def _summary_lines(data: Mapping[str, Any]) -> list[str]:
     ev, d = data["evaluate"], data["deploy"]
     wd = ev.get("win_rate_detail") or {}
     lines = [
         f"Final model: `{data['files']['final_model']}` (round {fmt(ev.get('selected_round'))} of Stage 6, reference "
         f"{ev.get('selected_reference', '–')}).",
-        f"Win rate vs SFT: {fmt(ev.get('win_rate'))} (95% CI {fmt(ev.get('win_rate_ci_low'))} – "
+        f"Win rate vs SFT: {fmt(ev.get('win_rate'))} ({pct(wd.get('confidence'))} CI "
+        f"{fmt(ev.get('win_rate_ci_low'))} – "
         f"{fmt(ev.get('win_rate_ci_high'))}, {wd.get('n', '–')} prompts, judge {wd.get('judge', '–')}, "
         f"{wd.get('decoding', '–')}).",
         f"Capability retention: {fmt(ev.get('retention'))} %; KL(final || SFT) {fmt(ev.get('kl'))}; held-out "
         f"gap {fmt(ev.get('heldout_gap'))}; contaminated training pairs {fmt(ev.get('contaminated_pairs'))}.",
+        retention_shown(ev, data["thresholds"]["min_retention"]),
         d["note"],
     ]
     return lines
@@ -216,7 +205,7 @@ def render_markdown(data: Mapping[str, Any], plot_files: Mapping[str, tuple[str,
         "| check | value | rule | param | result |",
         "|---|---:|---|---|---|",
     ]
-    lines += [f"| {a} | {b} | {c} | `{p_}` | {r} |" for a, b, c, p_, r in _check_rows(d)]
+    lines += [f"| {a} | {b} | {c} | `{p_}` | {r} |" for a, b, c, p_, r in check_rows(d)]
     if d.get("rollback"):
         rb = d["rollback"]
         lines += ["", "## Rollback", "", rb["prescription"], ""]
@@ -258,7 +247,8 @@ def render_markdown(data: Mapping[str, Any], plot_files: Mapping[str, tuple[str,
         lines += [
             "",
             f"Reported beside it, not gated: {other.get('decoding')}: win rate {fmt(other.get('win_rate'))} "
-            f"(95% CI {fmt(other.get('ci_low'))} – {fmt(other.get('ci_high'))}; {other.get('wins')} wins, "
+            f"({pct(wd.get('confidence'))} CI {fmt(other.get('ci_low'))} – {fmt(other.get('ci_high'))}; "
+            f"{other.get('wins')} wins, "
             f"{other.get('ties')} ties, {other.get('losses')} losses). Greedy decoding shows only the prompts "
             "where the model's most likely answer changed.",
         ]
@@ -279,7 +269,7 @@ def render_markdown(data: Mapping[str, Any], plot_files: Mapping[str, tuple[str,
                 f"{fmt(r.get('task_accuracy'))} | {fmt(r.get('benchmark_mean'))} | {r.get('decision')} |"
             )
         lines += ["", it.get("analysis", "")]
-    if _category_rows(ev) or _targeting_lines(it):
+    if category_rows(ev) or targeting_lines(it):
         lines += [
             "",
             "## Results by category",
@@ -290,8 +280,8 @@ def render_markdown(data: Mapping[str, Any], plot_files: Mapping[str, tuple[str,
             "| category | n | SFT | final | change | moved |",
             "|---|---:|---:|---:|---:|---|",
         ]
-        lines += [f"| {' | '.join(row)} |" for row in _category_rows(ev)]
-        lines += [""] + [f"- Stage 6 {x}" for x in _targeting_lines(it)]
+        lines += [f"| {' | '.join(row)} |" for row in category_rows(ev)]
+        lines += [""] + [f"- Stage 6 {x}" for x in targeting_lines(it)]
     if data["qualitative"]:
         lines += ["", render_qualitative_markdown(data["qualitative"], seed=data["seed"]).rstrip("\n")]
     cont = ev.get("contamination") or {}
@@ -351,7 +341,7 @@ def render_html(data: Mapping[str, Any], svgs: Mapping[str, tuple[str, str]]) ->
         else "",
         "<h2>Gate checks</h2><table><tr><th>check</th><th>value</th><th>rule</th><th>param</th><th>result</th></tr>",
     ]
-    for a, b, c, p_, r in _check_rows(d):
+    for a, b, c, p_, r in check_rows(d):
         parts.append(
             f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{esc(c)}</td><td><code>{esc(p_)}</code></td>"
             f'<td class="{"pass" if r == "pass" else "fail"}">{esc(r)}</td></tr>'
@@ -394,13 +384,13 @@ def render_html(data: Mapping[str, Any], svgs: Mapping[str, tuple[str, str]]) ->
                 f"<td>{esc('; '.join(r.get('reasons') or []))}</td></tr>"
             )
         parts.append(f"</table><p>{esc(it.get('analysis', ''))}</p>")
-    if _category_rows(ev) or _targeting_lines(it):
+    if category_rows(ev) or targeting_lines(it):
         parts.append(
             "<h2>Results by category</h2><table><tr><th>category</th><th>n</th><th>SFT</th><th>final</th>"
             "<th>change</th><th>moved</th></tr>"
         )
-        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in _category_rows(ev)]
-        parts.append("</table><ul>" + "".join(f"<li>Stage 6 {esc(x)}</li>" for x in _targeting_lines(it)) + "</ul>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in category_rows(ev)]
+        parts.append("</table><ul>" + "".join(f"<li>Stage 6 {esc(x)}</li>" for x in targeting_lines(it)) + "</ul>")
     if data["qualitative"]:
         parts.append(render_qualitative_html(data["qualitative"], seed=data["seed"]))
     cont = ev.get("contamination") or {}
