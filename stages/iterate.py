@@ -97,12 +97,12 @@ def main(params_path: str) -> None:
     template_items = tasks.read_split(SPLITS / "pref_prompts.jsonl") + round_items
     eval_texts = collect_eval_texts(SPLITS, template_items=template_items)
 
-    def benchmark_fn(model_dir: Path) -> dict:  # same tasks and settings as Stage 1 (stages/sft.py)
+    def benchmark_fn(model_dir: Path) -> dict:  # Stage 1's tasks, on iterate.benchmark_limit documents
         bench = benchmarks.run_benchmarks(
             model_dir,
             p.benchmarks.tasks,
             include_path=[SPLITS / "lm_eval", input_folder(p, "benchmarks")],
-            limit=p.benchmarks.limit,
+            limit=it.benchmark_limit,  # a round's regression watch; Stage 7 measures the final model in full
             seed=p.seed,
             batch_size=p.benchmarks.batch_size,
         )

@@ -210,6 +210,7 @@ class IterateParams:
     # policy scored lowest on (held-out items, the stage's judge); target_floor keeps every category in the draw.
     # false = the fixed slice of the round prompts.
     targeted: bool = True
+    benchmark_limit: int | dict | None = _spec(20, low=1)  # documents per task for a round's regression watch
     target_floor: float = _spec(0.05, low=0, low_open=True)
 
 
