@@ -393,7 +393,13 @@ def test_stage_writes_artifacts(tiny_model_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics" / "reward_model.json").read_text())
-    assert set(metrics) == {"rm_accuracy", "rm_train_accuracy", "rm_overfit_gap", "n_contradictions"}
+    assert set(metrics) == {
+        "rm_accuracy",
+        "rm_accuracy_ci_low",
+        "rm_train_accuracy",
+        "rm_overfit_gap",
+        "n_contradictions",
+    }
     detail = json.loads((tmp_path / "reports" / "reward_model.json").read_text())
     for key in ("val_accuracy", "overfit_gap", "train_accuracy", "val_margin_mean", "n_train", "n_val", "overfit"):
         assert key in detail, key
