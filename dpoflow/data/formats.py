@@ -22,6 +22,7 @@ from dpoflow.data.pairs import (
     prompt_text,
     quarantine_row,
     read_records,
+    required_field,
     type_name,
 )
 
@@ -169,7 +170,7 @@ def convert_row(row: Any, fmt: str = "auto", *, source: str = "unknown", task: s
         prompt = [{"role": "user", "content": _string(row, "prompt")}]
         chosen, rejected = _string(row, "chosen"), _string(row, "rejected")
     elif kind == "canonical":
-        prompt = _messages(_required(row, "prompt"), "prompt")
+        prompt = _messages(required_field(row, "prompt"), "prompt")
         chosen, rejected = _string(row, "chosen"), _string(row, "rejected")
     elif kind in ("trl", "ultrafeedback"):
         prompt, chosen, rejected = _conversational(row, kind)
@@ -255,8 +256,8 @@ def _conversational(row: dict, kind: str) -> tuple[list[dict], str, str]:
     else:
         raw_prompt = row.get("prompt")
         prompt = [] if raw_prompt is None else _messages(raw_prompt, "prompt")
-    chosen = _messages(_required(row, "chosen"), "chosen")
-    rejected = _messages(_required(row, "rejected"), "rejected")
+    chosen = _messages(required_field(row, "chosen"), "chosen")
+    rejected = _messages(required_field(row, "rejected"), "rejected")
     for name, messages in (("chosen", chosen), ("rejected", rejected)):
         if not messages:
             raise RowError(name, "empty string (no messages)")
@@ -333,16 +334,8 @@ def _check_unicode(prompt: list[dict], chosen: str, rejected: str, task: Any, so
             raise RowError(name, f"invalid UTF-8: unpaired surrogate at character {exc.start}") from None
 
 
-def _required(row: dict, key: str) -> Any:
-    if key not in row:
-        raise RowError(key, "missing field")
-    if row[key] is None:
-        raise RowError(key, "missing field (null)")
-    return row[key]
-
-
 def _string(row: dict, key: str) -> str:
-    value = _required(row, key)
+    value = required_field(row, key)
     if not isinstance(value, str):
         raise RowError(key, f"wrong type: expected string, got {type_name(value)}")
     return value

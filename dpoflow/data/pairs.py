@@ -274,5 +274,14 @@ def type_name(value: Any) -> str:
     )
 
 
+def required_field(row: dict, key: str) -> Any:
+    """row[key], or a RowError naming the field when it is absent or null."""
+    if key not in row:
+        raise RowError(key, "missing field")
+    if row[key] is None:
+        raise RowError(key, "missing field (null)")
+    return row[key]
+
+
 def _short(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"

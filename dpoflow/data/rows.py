@@ -10,7 +10,13 @@ import math
 import re
 from typing import Any
 
-from dpoflow.data.pairs import PREVIEW_CHARS, RowError, quarantine_preview  # noqa: F401 (PREVIEW_CHARS: re-exported)
+from dpoflow.data.pairs import (  # noqa: F401 (PREVIEW_CHARS, required_field, type_name: re-exported)
+    PREVIEW_CHARS,
+    RowError,
+    quarantine_preview,
+    required_field,
+    type_name,
+)
 
 REASON_VALUE_CHARS = 40  # an input value quoted in a reason is cut to this many characters
 ROLES = ("system", "user", "assistant")
@@ -48,14 +54,6 @@ def as_object(value: Any) -> dict:
 def present(row: dict, key: str) -> bool:
     """Columnar inputs (Parquet, datasets) carry every column in every row, null where absent."""
     return row.get(key) is not None
-
-
-def required_field(row: dict, key: str) -> Any:
-    if key not in row:
-        raise RowError(key, "missing field")
-    if row[key] is None:
-        raise RowError(key, "missing field (null)")
-    return row[key]
 
 
 def string_field(row: dict, key: str) -> str:
@@ -153,14 +151,6 @@ def content_id(content: Any) -> str:
 
 def row_json(row: Any) -> str:
     return json.dumps(row, ensure_ascii=False, sort_keys=True, default=repr)
-
-
-def type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number"}.get(
-        type(value), type(value).__name__
-    )
 
 
 def short_value(value: Any, limit: int = REASON_VALUE_CHARS) -> str:
