@@ -7,7 +7,7 @@ hash-map order). Checked here:
     (`mx.save_safetensors`: models, LoRA adapters, the reward head): the same arrays in any insertion order, saved
     several times, give identical bytes;
   - e2e: the CI-profile pipeline run twice from scratch (the session pipeline and a fresh project): every output
-    dvc.lock records has the same md5 (metrics/perf/ excluded: timings); a difference names the file;
+    dvc.lock records has the same md5 (reports/perf/ excluded: timings); a difference names the file;
   - e2e: `dvc repro -f -s <stage>` on an up-to-date project leaves `dvc status` clean downstream.
 """
 
@@ -38,7 +38,7 @@ from dpoflow.runtime import io
 
 pytest_plugins = ["tests.fixtures_pipeline"]
 
-TIMING_OUTPUTS = ("metrics/perf/",)  # timings, throughput, memory: different on every run by design
+TIMING_OUTPUTS = ("reports/perf/",)  # timings, throughput, memory: different on every run by design
 
 
 def _shuffled(mapping: dict, seed: int) -> dict:

@@ -142,7 +142,7 @@ def test_the_example_params_are_the_projects_plus_the_example(project):
     def keys(d, prefix=""):
         out = set()
         for k, v in d.items():
-            if isinstance(v, dict) and k not in ("sizes", "tasks", "tiny", "batch_size"):
+            if isinstance(v, dict) and k not in ("sizes", "tasks", "tiny", "batch_size", "limit", "benchmark_limit"):
                 out |= keys(v, f"{prefix}{k}.")
             else:
                 out.add(prefix + k)
