@@ -25,7 +25,6 @@ from dpoflow.core import logprobs as lp  # noqa: E402
 from dpoflow.core.batching import EncodedPair  # noqa: E402
 from dpoflow.modeling.loading import load_model  # noqa: E402
 from dpoflow.modeling.reward_model import build_reward_model  # noqa: E402
-
 from dpoflow.training.reward import make_batch, reward_loss  # noqa: E402
 from dpoflow.training.trainer import TrainConfig, train  # noqa: E402
 

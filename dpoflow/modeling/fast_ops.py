@@ -1,17 +1,30 @@
-"""A polynomial exp for the CPU device, and the decode ops that use it (SwiGLU, the decode step's attention softmax,
-inverse-CDF temperature sampling). MLX's CPU `exp` is a scalar loop (~35 ns per float here, numpy's ~0.35); the
-polynomial (max relative error ~8e-6, exactly 0 below exp(-87.3)) makes a 2-thread decode step ~1.3x faster
-(benchmarks/RESULTS.md). `fast_exp_ops(model)` patches a model's own module while it generates.
+"""Faster elementwise ops for the CPU device, for sampling and for the forward-only passes.
+
+MLX's CPU `exp` (and `sigmoid`, `logsumexp`) are scalar loops here: ~16-21 ns per float32 element against ~0.6 ns
+for an add, so the SwiGLU activation, the attention softmax and the vocabulary log-softmax cost as much as a large
+share of the GEMMs (benchmarks/RESULTS.md). Two replacements built from MLX's own compiled elementwise ops:
+
+- `poly_exp`: 2^n * 2^f with a degree-6 Taylor polynomial (max relative error ~8e-6, exactly 0 below exp(-87.3)).
+  Sampling only: `fast_exp_ops(model)` patches a model's own module with it while `generate` runs (SwiGLU, the
+  attention softmax of prefill and decode steps), and `inverse_cdf_sample` draws from fast-exp weights.
+- `mlx_exp`: MLX's own CPU exp algorithm as compiled ops, within 1 ulp of `mx.exp` (tests), ~3x faster.
+  `mlx_exp_ops(model)` patches the model's module with SwiGLU and attention on it; `mlx_logsumexp` is the
+  vocabulary normalizer. The forward-only passes (reference log-probs, implicit rewards, reward-model scoring)
+  use these: the stock ops' numbers within float32 rounding.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 _LOG2E = 1.4426950408889634
 _EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7)]  # 2^f = e^(f ln 2) for f in [0, 1)
@@ -32,53 +45,92 @@ def poly_exp(x: mx.array) -> mx.array:
     return (p * ((n.astype(mx.int32) + 127) << 23).view(mx.float32)).astype(x.dtype)
 
 
+# MLX's CPU exp (mlx/backend/cpu/simd/math.h: 2^(x log2 e), the fraction by a degree-6 polynomial in fma steps, inf
+# above 88, 0 below -88) is a scalar loop on x86 (~16 ns per element). The same algorithm as compiled MLX ops (mul +
+# add in place of fma) gives the same numbers within 1 ulp, ~3x faster.
+_MLX_LOG2E = 1.442695
+_MLX_EXP2 = (
+    1.535336188319500e-4,
+    1.339887440266574e-3,
+    9.618437357674640e-3,
+    5.550332471162809e-2,
+    2.402264791363012e-1,
+    6.931472028550421e-1,
+    1.0,
+)
+
+
+@mx.compile
+def mlx_exp(x: mx.array) -> mx.array:
+    """mx.exp within 1 ulp (90% of float32 inputs bit-identical; tests/test_generation.py), ~3x faster on the CPU:
+    MLX's own CPU algorithm written as compiled elementwise ops. No gradient: forward-only passes."""
+    t = x.astype(mx.float32) * _MLX_LOG2E
+    n = mx.floor(t + 0.5)
+    f = t - n
+    p = mx.array(_MLX_EXP2[0], dtype=mx.float32)
+    for c in _MLX_EXP2[1:]:
+        p = p * f + c
+    e = ((n.astype(mx.int32) + 127) << 23).view(mx.float32) * p
+    return mx.where(x > 88.0, mx.inf, mx.where(x < -88.0, 0.0, e)).astype(x.dtype)
+
+
 @mx.compile
 def _fast_swiglu(gate: mx.array, x: mx.array) -> mx.array:
     return gate / (1 + poly_exp(-gate)) * x
 
 
-def _fast_decode_attention(stock):
-    """mlx-lm's `scaled_dot_product_attention` with the softmax on poly_exp for one-token queries (decode steps);
-    prefill, string masks and attention sinks go to `stock`."""
+@mx.compile
+def _mlx_swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """mlx-lm's `silu(gate) * x` = gate * sigmoid(gate) * x, sigmoid = 1 / (1 + exp(-gate)) on mlx_exp."""
+    return gate * (1 / (1 + mlx_exp(-gate))) * x
+
+
+def mlx_logsumexp(x: mx.array, axis: int = -1) -> mx.array:
+    """mx.logsumexp along `axis` (the vocabulary normalizer of log-probs) on mlx_exp: the same numbers within
+    float32 rounding (MLX's CPU kernel computes the same max-shifted sum), ~2x faster. Rows must be finite."""
+    m = x.max(axis, keepdims=True)
+    return mx.log(mlx_exp(x - m).sum(axis)) + m.squeeze(axis)
+
+
+def _softmax_attention(exp: Callable[[mx.array], mx.array], stock):
+    """mlx-lm's `scaled_dot_product_attention` with the softmax on `exp`, for any query length (decode steps and
+    prefill) with array or "causal" masks; attention sinks and quantized caches go to `stock`."""
 
     def attention(queries, keys, values, cache, scale, mask, sinks=None):
-        if sinks is not None or isinstance(mask, str) or queries.shape[2] != 1 or hasattr(cache, "bits"):
+        if sinks is not None or hasattr(cache, "bits") or (isinstance(mask, str) and mask != "causal"):
             return stock(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
-        B, H, _, D = queries.shape
-        kv_heads = keys.shape[1]  # grouped-query attention by reshape: H // kv_heads queries per key head
-        scores = (queries * scale).reshape(B, kv_heads, H // kv_heads, D) @ keys.swapaxes(-1, -2)
+        B, H, L, D = queries.shape
+        kv_heads, S = keys.shape[1], keys.shape[2]
+        groups = H // kv_heads  # grouped-query attention by reshape: `groups` queries per key head
+        q = (queries * scale).reshape(B, kv_heads, groups * L, D)
+        scores = (q @ keys.swapaxes(-1, -2)).reshape(B, kv_heads, groups, L, S)
+        if isinstance(mask, str):  # causal, queries aligned to the last L keys
+            mask = mx.arange(S)[None] <= (mx.arange(L) + (S - L))[:, None]
         if mask is not None:
+            if mask.ndim == 4:  # [B or 1, 1 or H, L or 1, S] -> broadcastable to [B, kv_heads, groups, L, S]
+                b, h, lm = mask.shape[:3]
+                mask = mask[:, :, None] if h == 1 else mask.reshape(b, kv_heads, groups, lm, S)
             scores = mx.where(mask, scores, -1e30) if mask.dtype == mx.bool_ else scores + mask
-        weights = poly_exp(scores - scores.max(-1, keepdims=True))
-        out = (weights / weights.sum(-1, keepdims=True)) @ values
-        return out.reshape(B, H, 1, D).astype(queries.dtype)
+        weights = exp(scores - scores.max(-1, keepdims=True))
+        weights = (weights / weights.sum(-1, keepdims=True)).reshape(B, kv_heads, groups * L, S)
+        return (weights.astype(values.dtype) @ values).reshape(B, H, L, D).astype(queries.dtype)
 
     return attention
 
 
-@mx.compile
-def _inverse_cdf(logits: mx.array, u: mx.array) -> mx.array:
-    weights = poly_exp(logits - logits.max(-1, keepdims=True))
-    cdf = mx.cumsum(weights, axis=-1)
-    return (cdf < u * cdf[:, -1:]).sum(-1)
-
-
-def fast_categorical_sampler(temperature: float):
-    """Draws token i with probability softmax(logits / temperature)_i: one uniform per row against the fast-exp CDF."""
-    inv_temp = 1.0 / temperature
-    return lambda logits: _inverse_cdf(logits * inv_temp, mx.random.uniform(shape=(logits.shape[0], 1)))
+def _fast_decode_attention(stock):
+    """The attention of `fast_exp_ops` (poly_exp softmax); kept under its old name for the benchmarks."""
+    return _softmax_attention(poly_exp, stock)
 
 
 @contextmanager
-def fast_exp_ops(model: Any):
-    """While inside: the modules that define the model's layers use `_fast_swiglu` and the fast decode attention
-    (module globals, as mlx-lm's models call them); restored on exit."""
+def _patched(model: Any, swiglu, exp: Callable[[mx.array], mx.array]):
     modules = {sys.modules[type(m).__module__] for _, m in model.named_modules()}
     saved = []
     for module in modules:
         for name, make in (
-            ("swiglu", lambda stock: _fast_swiglu),
-            ("scaled_dot_product_attention", _fast_decode_attention),
+            ("swiglu", lambda stock: swiglu),
+            ("scaled_dot_product_attention", lambda stock: _softmax_attention(exp, stock)),
         ):
             stock = getattr(module, name, None)
             if callable(stock):
@@ -87,5 +139,104 @@ def fast_exp_ops(model: Any):
     try:
         yield
     finally:
-        for module, name, stock in saved:
+        for module, name, stock in reversed(saved):
             setattr(module, name, stock)
+
+
+@contextmanager
+def fast_exp_ops(model: Any):
+    """While inside: the modules that define the model's layers use `_fast_swiglu` and the poly_exp attention
+    softmax (module globals, as mlx-lm's models call them); restored on exit. Sampling only."""
+    with _patched(model, _fast_swiglu, poly_exp):
+        yield
+
+
+@contextmanager
+def mlx_exp_ops(model: Any):
+    """While inside: the model's module uses SwiGLU and the attention softmax on `mlx_exp` (the stock ops' numbers
+    within float32 rounding, ~3x faster, no gradient); restored on exit. For forward-only passes."""
+    with _patched(model, _mlx_swiglu, mlx_exp):
+        yield
+
+
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory() -> None:
+    """glibc malloc (Linux): serve allocations up to 32 MB from the heap and keep freed memory for reuse instead of
+    returning it to the system. MLX's CPU allocator has no buffer cache (it calls aligned_alloc / free), and glibc
+    maps and unmaps every large block: each decode step's logits, weights and activations came back as fresh pages,
+    ~9 us of page fault each here (a [64, 49152] float32 exp: 42 ms, 15 ms with this; benchmarks/RESULTS.md).
+    Process-wide and persistent; does nothing when MALLOC_* / GLIBC_TUNABLES are set or mallopt is missing."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
+        return
+    _MALLOC_TUNED = True
+    if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's maximum
+    mallopt(m_trim_threshold, 2**30)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Temperature sampling by inverse CDF
+
+SAMPLE_BLOCK = 128  # vocabulary entries per block of the two-level inverse CDF
+
+
+@mx.compile
+def _weights(logits: mx.array, inv_temp: mx.array) -> mx.array:
+    return poly_exp((logits - logits.max(-1, keepdims=True)) * inv_temp)
+
+
+def inverse_cdf_sample(logits: mx.array, u: mx.array, temperature: float) -> mx.array:
+    """Token ids [B] drawn from softmax(logits / temperature) [B, V] with one uniform u [B] in [0, 1) per row: the
+    first token whose cumulative weight exceeds u * total. Two levels, so that nothing scans the vocabulary
+    serially: block sums of SAMPLE_BLOCK entries, the block holding the target, then the target inside it
+    (weights on poly_exp). The same u gives the same token whatever the batch (up to float rounding)."""
+    B, V = logits.shape
+    w = _weights(logits, mx.array(1.0 / temperature, dtype=logits.dtype))
+    if V % SAMPLE_BLOCK:
+        w = mx.pad(w, [(0, 0), (0, SAMPLE_BLOCK - V % SAMPLE_BLOCK)])
+    blocks = w.reshape(B, -1, SAMPLE_BLOCK)
+    n_blocks = blocks.shape[1]
+    sums = blocks.sum(-1)  # [B, n_blocks]
+    cdf = mx.cumsum(sums, axis=-1)
+    target = u.reshape(B, 1).astype(cdf.dtype) * cdf[:, -1:]
+    j = mx.minimum((cdf <= target).sum(-1), n_blocks - 1)[:, None]  # the block whose cumulative sum passes target
+    rest = target - (mx.take_along_axis(cdf, j, -1) - mx.take_along_axis(sums, j, -1))
+    inner = mx.cumsum(mx.take_along_axis(blocks, j[..., None], 1).squeeze(1), axis=-1)  # [B, SAMPLE_BLOCK]
+    k = mx.minimum((inner <= rest).sum(-1), SAMPLE_BLOCK - 1)
+    return mx.minimum(j.squeeze(1) * SAMPLE_BLOCK + k, V - 1)
+
+
+def fast_categorical_sampler(temperature: float):
+    """Draws token i with probability softmax(logits / temperature)_i: inverse_cdf_sample on mlx's global random
+    uniforms (generate itself draws per-sequence uniforms, `sequence_uniforms`)."""
+    return lambda logits: inverse_cdf_sample(logits, mx.random.uniform(shape=(logits.shape[0],)), temperature)
+
+
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+
+
+def sequence_uniforms(seed: int, sequences: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """One uniform in [0, 1) (float32, 24 bits) per (sequence, step): a counter-based hash (splitmix64 of seed,
+    sequence index and token index), so a sequence's draws do not depend on which row, lane or batch it decodes in.
+    """
+    a = np.atleast_1d(np.asarray(sequences, dtype=np.uint64))
+    b = np.atleast_1d(np.asarray(steps, dtype=np.uint64))
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the hash wants
+        x = np.full(np.broadcast(a, b).shape, seed % 2**64, dtype=np.uint64) * _MIX[0]
+        x = x + a * _MIX[1] + b * _MIX[2] + (a << np.uint64(32))
+        for _ in range(2):  # splitmix64's finalizer, twice
+            x = x + _MIX[0]
+            x = (x ^ (x >> np.uint64(30))) * _MIX[1]
+            x = (x ^ (x >> np.uint64(27))) * _MIX[2]
+            x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
