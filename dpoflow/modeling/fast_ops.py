@@ -30,6 +30,13 @@ _LOG2E = 1.4426950408889634
 _EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7)]  # 2^f = e^(f ln 2) for f in [0, 1)
 
 
+def _floor(y: mx.array) -> mx.array:
+    """floor(y) as int32 for |y| < 2^31 from truncation: the compiled kernels are built for baseline x86-64, where
+    mx.floor is a libm call per element (~1.5 ns); the conversion is one SSE2 instruction."""
+    n = y.astype(mx.int32)
+    return n - (y < n.astype(y.dtype)).astype(mx.int32)
+
+
 @mx.compile
 def poly_exp(x: mx.array) -> mx.array:
     """exp(x) = 2^n * 2^f: n from the float exponent bits, 2^f by a degree-6 polynomial (relative error < 1e-5).
@@ -37,12 +44,12 @@ def poly_exp(x: mx.array) -> mx.array:
     become subnormal weights, which x86 computes on a slow path (a decode step with masked columns ran ~1.18x as
     long; benchmarks/profile_generation_loop.py). No gradient: sampling only."""
     t = mx.clip(x * _LOG2E, -127.0, 126.0)
-    n = mx.floor(t)
-    f = t - n
+    n = _floor(t)
+    f = t - n.astype(t.dtype)
     p = _EXP2_TAYLOR[6]
     for c in _EXP2_TAYLOR[5::-1]:
         p = p * f + c
-    return (p * ((n.astype(mx.int32) + 127) << 23).view(mx.float32)).astype(x.dtype)
+    return (p * ((n + 127) << 23).view(mx.float32)).astype(x.dtype)
 
 
 # MLX's CPU exp (mlx/backend/cpu/simd/math.h: 2^(x log2 e), the fraction by a degree-6 polynomial in fma steps, inf
@@ -65,12 +72,12 @@ def mlx_exp(x: mx.array) -> mx.array:
     """mx.exp within 1 ulp (90% of float32 inputs bit-identical; tests/test_generation.py), ~3x faster on the CPU:
     MLX's own CPU algorithm written as compiled elementwise ops. No gradient: forward-only passes."""
     t = x.astype(mx.float32) * _MLX_LOG2E
-    n = mx.floor(t + 0.5)
-    f = t - n
+    n = _floor(t + 0.5)
+    f = t - n.astype(mx.float32)
     p = mx.array(_MLX_EXP2[0], dtype=mx.float32)
     for c in _MLX_EXP2[1:]:
         p = p * f + c
-    e = ((n.astype(mx.int32) + 127) << 23).view(mx.float32) * p
+    e = ((n + 127) << 23).view(mx.float32) * p
     return mx.where(x > 88.0, mx.inf, mx.where(x < -88.0, 0.0, e)).astype(x.dtype)
 
 
