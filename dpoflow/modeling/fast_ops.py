@@ -1,4 +1,5 @@
-"""Faster elementwise ops for the CPU device, for sampling and for the forward-only passes.
+"""Faster elementwise ops for the CPU device, for sampling and for the forward-only passes, and CPU execution helpers
+(BLAS threads, worker threads on their own MLX streams, glibc malloc reuse).
 
 MLX's CPU `exp` (and `sigmoid`, `logsumexp`) are scalar loops here: ~16-21 ns per float32 element against ~0.6 ns
 for an add, so the SwiGLU activation, the attention softmax and the vocabulary log-softmax cost as much as a large
@@ -19,12 +20,18 @@ import ctypes
 import math
 import os
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
+
+try:  # reads and sets the BLAS library's thread count (a dependency of lm-eval's scikit-learn)
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # pragma: no cover
+    ThreadpoolController = None
 
 _LOG2E = 1.4426950408889634
 _EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7)]  # 2^f = e^(f ln 2) for f in [0, 1)
@@ -164,6 +171,43 @@ def mlx_exp_ops(model: Any):
     within float32 rounding, ~3x faster, no gradient); restored on exit. For forward-only passes."""
     with _patched(model, _mlx_swiglu, mlx_exp):
         yield
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU execution: BLAS threads, worker threads with their own streams, malloc
+
+
+def blas_threads() -> tuple[int, Any]:
+    """(threads of the BLAS MLX calls, a threadpoolctl controller of it or None)."""
+    try:
+        blas = ThreadpoolController().select(user_api="blas")
+        if blas.lib_controllers:
+            return min(c.num_threads for c in blas.lib_controllers), blas
+    except Exception:  # threadpoolctl missing or unable to read the library: leave the BLAS alone
+        pass
+    return (os.cpu_count() or 1), None
+
+
+def run_in_threads(jobs: list, device) -> None:
+    """Run each job in its own thread on its own MLX stream (streams are per thread in MLX); re-raise the first
+    error. MLX's eval returns only once a graph is nearly done (it keeps ~10 tasks in flight), so one thread cannot
+    keep two streams busy: generation's lanes each need their own."""
+    errors: list[BaseException] = []
+
+    def run(job) -> None:
+        try:
+            with mx.stream(mx.new_stream(device)):
+                job()
+        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+            errors.append(e)
+
+    workers = [threading.Thread(target=run, args=(job,), daemon=True) for job in jobs]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
 
 
 _MALLOC_TUNED = False

@@ -1,40 +1,33 @@
 """Batched sampling for every stage (Stage 1 validation, Stage 2's K samples per prompt, KL samples, 6, 7), seeded,
-with a progress bar and throughput figures.
+with a progress bar and throughput figures. Measurements: benchmarks/RESULTS.md.
 
-Shared prefill. The K samples of a prompt and all prompts' common prefix (the chat template's system turn) run
-through the model once, not once per sequence:
-    prefix  = longest common prefix of the distinct prompts        -> one forward (batch 1), its keys/values kept
-    middle  = prompt[len(prefix):-1] of each DISTINCT prompt       -> batched forwards (PREFILL_BATCH prompts), left-
-                                                                      padded, attending to the prefix's keys/values
-    a sequence = (prompt p, sample k): starts from p's keys/values; its first input is p's last token
+Shared prefill. The common prefix of the distinct prompts (the chat template's system turn) runs once (batch 1); the
+middle prompt[len(prefix):-1] of each DISTINCT prompt runs once, PREFILL_BATCH prompts a forward, left-padded and
+attending to the prefix's keys/values; a sequence (prompt p, sample k) starts from p's keys/values with p's last
+token as its first input.
 
 Fixed decode slots. B sequences decode together; every layer keeps keys/values in one [B, H, P + R, D] buffer: the
-first P columns hold the common prefix (written once, shared by every sequence), the other R form a ring that all
-rows write at the same column per step (step t: column t mod R). Row i's sequence occupies the ring columns of
-[start_i, t] (mod R; masked elsewhere; RoPE position P + t - start_i). R = widest middle + max_tokens, so a sequence
-never overruns itself, nothing is ever shifted, and attention reads P + R columns whatever the step. A finished
-sequence's row is refilled in place with the next sequence's middle keys/values (right-aligned at the current
-column): no per-finish gather or per-join concatenation of every layer's cache (mlx-lm's BatchGenerator does that).
+first P columns hold the common prefix (written once), the other R form a ring that every row writes at the same
+column per step (step t: t mod R). Row i's sequence occupies the ring columns of [start_i, t] (masked elsewhere; RoPE
+position P + t - start_i). R = widest middle + max_tokens, so a sequence never overruns itself, nothing is shifted
+and attention reads P + R columns at every step. A finished row is refilled in place with the next sequence's
+middle (right-aligned at the current column): no per-finish gather of every layer's cache (mlx-lm's BatchGenerator).
 
-Lanes (CPU). MLX runs the elementwise ops of a step (SwiGLU, softmaxes, norms, the sampler) on one thread, and the
-host's bookkeeping is serial too, so one batch on two BLAS threads leaves a core idle for a large part of every
-step. With two or more BLAS threads the rows are split into two lanes, each decoded by its own thread on its own
-MLX stream with half the BLAS threads: one lane's elementwise ops, sampling, bookkeeping and prefill chunks run
-while the other's GEMMs do. (One thread with mx.async_eval cannot do this: MLX's eval returns only when a graph
-is nearly done.) Lanes share the queue of pending sequences; with per-sequence uniforms (below) or greedy decoding
-a sequence's tokens do not depend on the lane or row it decodes in.
+Lanes (CPU). MLX runs a step's elementwise ops (SwiGLU, softmaxes, norms, the sampler) on one thread and the host's
+bookkeeping is serial, so one batch on two BLAS threads leaves a core idle for much of every step. With >= 2 BLAS
+threads the rows are split into two lanes, each decoded by its own thread on its own MLX stream with half the BLAS
+threads, sharing the queue of pending sequences: one lane's elementwise ops, sampling, bookkeeping and prefill run
+while the other's GEMMs do. (mx.async_eval on one thread cannot do this: MLX's eval returns only once a graph is
+nearly done.)
 
-Sampling. Temperature sampling (top_p = 1) on the CPU draws by inverse CDF on poly_exp weights with one uniform per
-(sequence, token index) from a counter-based hash of the seed (fast_ops.sequence_uniforms): a sequence's samples do
-not depend on the batch size, the lanes or the order in which sequences are scheduled. Greedy is argmax; top-p and
-`fast_exp=False` use mlx-lm's sampler (mlx's global random state, seeded here).
+Sampling. Temperature sampling (top_p = 1) with the fast exp draws by inverse CDF on poly_exp weights, with one
+uniform per (sequence, token index) from a counter-based hash of the seed (fast_ops.sequence_uniforms): a sequence's
+samples do not depend on the batch size, the lanes or the scheduling. Greedy is argmax; top-p and `fast_exp=False`
+use mlx-lm's sampler on mlx's global random state (seeded here; one lane, so the order of draws is fixed).
 
-Fast exp (on by default on the CPU device). MLX's CPU `exp` is a scalar loop, so the SwiGLU sigmoid and the
-attention softmax were about half of a 2-thread decode step (benchmarks/RESULTS.md, "Decode step op by op"). While
-`generate` runs, the model's own module gets a polynomial exp (max relative error ~8e-6) in its `swiglu` and in the
-attention (prefill and decode). Logits move by ~1e-4; samples are those of the same distribution but not
-bit-identical to mlx-lm's, so `fast_exp=False` keeps the stock ops (Metal and CUDA keep them by default: the
-polynomial was measured on this CPU only).
+Fast exp (on by default on the CPU device). MLX's CPU `exp` is a scalar loop; while `generate` runs, the model's own
+module gets a polynomial exp (relative error ~8e-6) in its `swiglu` and attention (fast_ops.fast_exp_ops). Logits
+move by ~1e-4; `fast_exp=False` keeps the stock ops (Metal and CUDA keep them by default).
 
 Greedy output equals mlx-lm's batch generation with `fast_exp=False` (tests/test_generation.py); sampling is
 deterministic for a seed.
@@ -59,7 +52,14 @@ from mlx_lm.sample_utils import make_sampler
 from tqdm import tqdm
 
 from dpoflow.core.batching import encode_prompt
-from dpoflow.modeling.fast_ops import fast_exp_ops, inverse_cdf_sample, keep_freed_memory, sequence_uniforms
+from dpoflow.modeling.fast_ops import (
+    blas_threads,
+    fast_exp_ops,
+    inverse_cdf_sample,
+    keep_freed_memory,
+    run_in_threads,
+    sequence_uniforms,
+)
 
 PREFILL_BATCH = 32  # distinct prompts prefilled together
 LANES: int | None = None  # decode lanes; None = 2 on the CPU with >= 2 BLAS threads and >= 2 * LANE_MIN_ROWS rows
@@ -82,13 +82,7 @@ class Generations:
 
 
 def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
-    first, n = prompts[0], min(len(p) for p in prompts)
-    for p in prompts[1:]:
-        k = 0
-        while k < n and p[k] == first[k]:
-            k += 1
-        n = k
-    return n
+    return len(os.path.commonprefix([list(p) for p in prompts]))
 
 
 @dataclass
@@ -250,47 +244,12 @@ class _SlotLayer:
         return self.slots.mask
 
 
-def _blas_threads() -> tuple[int, Any]:
-    """(threads of the BLAS MLX calls, a threadpoolctl controller of it or None)."""
-    try:
-        from threadpoolctl import ThreadpoolController
-
-        blas = ThreadpoolController().select(user_api="blas")
-        if blas.lib_controllers:
-            return min(c.num_threads for c in blas.lib_controllers), blas
-    except Exception:  # threadpoolctl missing or unable to read the library: leave the BLAS alone
-        pass
-    return (os.cpu_count() or 1), None
-
-
 def _lane_count(rows: int, blas_threads: int) -> int:
     if LANES is not None:
         return max(1, min(LANES, rows))
     if mx.default_device().type != mx.cpu or blas_threads < 2 or rows < 2 * LANE_MIN_ROWS:
         return 1
     return 2
-
-
-def _run_lanes(jobs: list, device) -> None:
-    """Run each job in its own thread on its own MLX stream (streams are per thread in MLX); re-raise the first
-    error. MLX's eval returns only once a graph is nearly done (it keeps ~10 tasks in flight), so one thread cannot
-    keep two streams busy: each lane needs its own."""
-    errors: list[BaseException] = []
-
-    def run(job) -> None:
-        try:
-            with mx.stream(mx.new_stream(device)):
-                job()
-        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
-            errors.append(e)
-
-    workers = [threading.Thread(target=run, args=(job,), daemon=True) for job in jobs]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    if errors:
-        raise errors[0]
 
 
 class _Lane:
@@ -368,7 +327,7 @@ def _generate(
 
     ring = max(len(p) for p in encoded) - 1 - prefill.prefix_len + max_tokens  # a sequence never overruns itself
     rows = min(batch_size, n_seq)
-    threads, blas = _blas_threads()
+    threads, blas = blas_threads()
     # lanes draw in parallel: only where a sequence's draws do not depend on the order of draws (global random state)
     n_lanes = _lane_count(rows, threads) if per_sequence or temperature == 0 else 1
     lanes = [_Lane(_Slots(prefill, len(part), ring), len(part)) for part in np.array_split(np.arange(rows), n_lanes)]
@@ -443,7 +402,7 @@ def _generate(
             decode(lanes[0], bar)
         else:
             with blas.limit(limits=max(1, threads // n_lanes)) if blas is not None else nullcontext():
-                _run_lanes([lambda lane=lane: decode(lane, bar) for lane in lanes], mx.default_device())
+                run_in_threads([lambda lane=lane: decode(lane, bar) for lane in lanes], mx.default_device())
     seconds = time.perf_counter() - start
     texts = [tokenizer.decode(t) for t in tokens]
     shape = lambda xs: [xs[i * n_samples : (i + 1) * n_samples] for i in range(len(prompts))]  # noqa: E731
