@@ -26,6 +26,8 @@ from dpoflow.modeling.fast_ops import (
     mlx_logsumexp,
     poly_exp,
     sequence_uniforms,
+    trainable_logsumexp,
+    trainable_swiglu,
 )
 from dpoflow.modeling.generation import SharedPrefill, generate
 
@@ -280,3 +282,18 @@ def test_mlx_exp_ops_give_the_stock_forward_within_float32_rounding(tiny):
         got = model(ids)
     assert (llama.swiglu, llama.scaled_dot_product_attention) == stock
     assert mx.abs(got - want).max().item() < 1e-5 * mx.abs(want).max().item()
+
+
+def test_trainable_ops_have_the_stock_gradients():
+    from mlx_lm.models.activations import swiglu
+
+    g, x, w = mx.random.normal((8, 40)) * 4, mx.random.normal((8, 40)), mx.random.normal((8, 40))
+    got = mx.grad(lambda a, b: (trainable_swiglu(a, b) * w).sum(), argnums=(0, 1))(g, x)
+    want = mx.grad(lambda a, b: (swiglu(a, b) * w).sum(), argnums=(0, 1))(g, x)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    logits = mx.random.normal((6, 300)) * 5
+    got = mx.grad(lambda z: (trainable_logsumexp(z) * mx.arange(6)).sum())(logits)
+    want = mx.grad(lambda z: (mx.logsumexp(z, axis=-1) * mx.arange(6)).sum())(logits)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+    assert ulps(trainable_logsumexp(logits), mx.logsumexp(logits, axis=-1)).max() <= 2

@@ -106,9 +106,23 @@ def mlx_logsumexp(x: mx.array, axis: int = -1) -> mx.array:
     return mx.log(mlx_exp(x - m).sum(axis)) + m.squeeze(axis)
 
 
+def _masked_softmax(exp: Callable[[mx.array], mx.array]):
+    """softmax over the last axis of scores where `mask` (bool, broadcastable) holds, on `exp`, compiled (the
+    where / shift / exp / divide fused around the two reductions)."""
+
+    @mx.compile
+    def softmax(scores: mx.array, mask: mx.array) -> mx.array:
+        s = mx.where(mask, scores, -1e30)
+        e = exp(s - s.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    return softmax
+
+
 def _softmax_attention(exp: Callable[[mx.array], mx.array], stock):
     """mlx-lm's `scaled_dot_product_attention` with the softmax on `exp`, for any query length (decode steps and
     prefill) with array or "causal" masks; attention sinks and quantized caches go to `stock`."""
+    softmax = _SOFTMAX[exp]
 
     def attention(queries, keys, values, cache, scale, mask, sinks=None):
         if sinks is not None or hasattr(cache, "bits") or (isinstance(mask, str) and mask != "causal"):
@@ -120,16 +134,20 @@ def _softmax_attention(exp: Callable[[mx.array], mx.array], stock):
         scores = (q @ keys.swapaxes(-1, -2)).reshape(B, kv_heads, groups, L, S)
         if isinstance(mask, str):  # causal, queries aligned to the last L keys
             mask = mx.arange(S)[None] <= (mx.arange(L) + (S - L))[:, None]
-        if mask is not None:
-            if mask.ndim == 4:  # [B or 1, 1 or H, L or 1, S] -> broadcastable to [B, kv_heads, groups, L, S]
-                b, h, lm = mask.shape[:3]
-                mask = mask[:, :, None] if h == 1 else mask.reshape(b, kv_heads, groups, lm, S)
-            scores = mx.where(mask, scores, -1e30) if mask.dtype == mx.bool_ else scores + mask
-        weights = exp(scores - scores.max(-1, keepdims=True))
-        weights = (weights / weights.sum(-1, keepdims=True)).reshape(B, kv_heads, groups * L, S)
+        if mask is None:
+            mask = mx.array(True)
+        elif mask.dtype != mx.bool_:  # additive
+            scores, mask = scores + mask, mx.array(True)
+        elif mask.ndim == 4:  # [B or 1, 1 or H, L or 1, S] -> broadcastable to [B, kv_heads, groups, L, S]
+            b, h, lm = mask.shape[:3]
+            mask = mask[:, :, None] if h == 1 else mask.reshape(b, kv_heads, groups, lm, S)
+        weights = softmax(scores, mask).reshape(B, kv_heads, groups * L, S)
         return (weights.astype(values.dtype) @ values).reshape(B, H, L, D).astype(queries.dtype)
 
     return attention
+
+
+_SOFTMAX = {poly_exp: _masked_softmax(poly_exp), mlx_exp: _masked_softmax(mlx_exp)}
 
 
 def _fast_decode_attention(stock):
@@ -138,14 +156,15 @@ def _fast_decode_attention(stock):
 
 
 @contextmanager
-def _patched(model: Any, swiglu, exp: Callable[[mx.array], mx.array]):
+def _patched(model: Any, swiglu, exp: Callable[[mx.array], mx.array] | None):
+    """Module globals of the model's modules: `swiglu`, and the attention on `exp` (kept when exp is None)."""
     modules = {sys.modules[type(m).__module__] for _, m in model.named_modules()}
     saved = []
+    patches = [("swiglu", lambda stock: swiglu)]
+    if exp is not None:
+        patches.append(("scaled_dot_product_attention", lambda stock: _softmax_attention(exp, stock)))
     for module in modules:
-        for name, make in (
-            ("swiglu", lambda stock: swiglu),
-            ("scaled_dot_product_attention", lambda stock: _softmax_attention(exp, stock)),
-        ):
+        for name, make in patches:
             stock = getattr(module, name, None)
             if callable(stock):
                 saved.append((module, name, stock))
@@ -233,6 +252,42 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's maximum
     mallopt(m_trim_threshold, 2**30)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Differentiable versions (training): mlx_exp forward, the analytic gradient
+
+
+@mx.custom_function
+def trainable_swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """_mlx_swiglu with the gradient of silu(gate) * x (mlx_exp's bit tricks have no derivative of their own)."""
+    return _mlx_swiglu(gate, x)
+
+
+@trainable_swiglu.vjp
+def _trainable_swiglu_vjp(primals, cotangent, output):
+    gate, x = primals
+    s = 1 / (1 + mlx_exp(-gate))
+    return cotangent * x * s * (1 + gate * (1 - s)), cotangent * gate * s
+
+
+@mx.custom_function
+def trainable_logsumexp(x: mx.array) -> mx.array:
+    """mlx_logsumexp over the last axis with its gradient softmax(x)."""
+    return mlx_logsumexp(x)
+
+
+@trainable_logsumexp.vjp
+def _trainable_logsumexp_vjp(x, cotangent, output):  # one argument: MLX passes it alone, not in a tuple
+    return cotangent[..., None] * mlx_exp(x - output[..., None])
+
+
+@contextmanager
+def mlx_exp_training_ops(model: Any):
+    """While inside: the model's module uses trainable_swiglu (attention keeps MLX's fused SDPA and its gradient).
+    Measures how much of a training step is MLX's single-threaded exp (benchmarks/bench_threads.py)."""
+    with _patched(model, trainable_swiglu, None):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------------------
