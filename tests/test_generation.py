@@ -5,6 +5,7 @@ exp (polynomial exp in SwiGLU, the decode attention and the temperature sampler)
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import mlx.core as mx
 import numpy as np
@@ -14,7 +15,20 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from dpoflow.core.batching import encode_prompt
-from dpoflow.modeling.fast_ops import fast_categorical_sampler, fast_exp_ops, poly_exp
+from dpoflow.modeling import generation
+from dpoflow.modeling.fast_ops import (
+    _mlx_swiglu,
+    fast_categorical_sampler,
+    fast_exp_ops,
+    inverse_cdf_sample,
+    mlx_exp,
+    mlx_exp_ops,
+    mlx_logsumexp,
+    poly_exp,
+    sequence_uniforms,
+    trainable_logsumexp,
+    trainable_swiglu,
+)
 from dpoflow.modeling.generation import SharedPrefill, generate
 
 SYSTEM = "Reply with only the final answer, no explanation."
@@ -100,17 +114,23 @@ def test_prefill_caches_equal_a_whole_prompt_forward(tiny):
     model, tok = tiny
     distinct = list(dict.fromkeys(tuple(encode_prompt(tok, p)) for p in prompts()))
     prefill = SharedPrefill(model, distinct)
-    assert prefill.prefix_len > 5  # the system turn is shared
-    chunk = prefill.chunk(distinct)
-    for j, ids in enumerate(distinct):
-        ref = make_prompt_cache(model)
-        model(mx.array([list(ids[:-1])]), cache=ref)
-        n = len(ids) - 1
-        for layer, want in enumerate(ref):
-            got_k = chunk.keys[layer][j : j + 1, :, chunk.width - n :, :]
-            got_v = chunk.values[layer][j : j + 1, :, chunk.width - n :, :]
-            assert mx.allclose(got_k, want.keys[..., :n, :], atol=1e-5).item()
-            assert mx.allclose(got_v, want.values[..., :n, :], atol=1e-5).item()
+    P = prefill.prefix_len
+    assert P > 5  # the system turn is shared
+    chunk = prefill.chunk(distinct)  # left-padded middles on the prefix's keys/values
+    for fast in (False, True):
+        with fast_exp_ops(model) if fast else nullcontext():
+            fast_chunk = prefill.chunk(distinct)
+        for j, ids in enumerate(distinct):
+            ref = make_prompt_cache(model)
+            model(mx.array([list(ids[:-1])]), cache=ref)
+            n = len(ids) - 1
+            for layer, want in enumerate(ref):
+                for got, kind in ((chunk.keys, "keys"), (chunk.values, "values")):
+                    if fast:
+                        got = fast_chunk.keys if kind == "keys" else fast_chunk.values
+                    prefix = (prefill.prefix_keys if kind == "keys" else prefill.prefix_values)[layer]
+                    whole = mx.concatenate([prefix, got[layer][j : j + 1, :, chunk.width - (n - P) :, :]], axis=2)
+                    assert mx.allclose(whole, getattr(want, kind)[..., :n, :], atol=1e-4 if fast else 1e-5).item()
 
 
 def test_models_without_a_plain_kv_cache_use_mlx_lm_batching(tiny, monkeypatch):
@@ -180,3 +200,100 @@ def test_fast_exp_is_the_cpu_default_and_changes_only_float_noise(tiny):
     assert sampled[None] == sampled[mx.default_device().type == mx.cpu]  # on by default on the CPU only
     greedy = [generate(model, tok, prompts(), temperature=0.0, fast_exp=f, **kw).token_ids for f in (True, False)]
     assert greedy[0] == greedy[1]
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_decode_lanes_give_mlx_lm_greedy_output(tiny, monkeypatch, lanes):
+    model, tok = tiny
+    monkeypatch.setattr(generation, "LANES", lanes)  # rows split over lanes on their own streams
+    out = generate(model, tok, prompts(), n_samples=3, temperature=0.0, max_tokens=12, batch_size=9, fast_exp=False)
+    assert out.token_ids == mlx_lm_greedy(model, tok, prompts(), 3, 12)
+
+
+def test_samples_do_not_depend_on_batch_size_or_lanes(tiny, monkeypatch):
+    """Per-sequence uniforms: the batch, the lanes and the scheduling order do not change a sequence's samples."""
+    model, tok = tiny
+    kw = dict(n_samples=3, temperature=1.0, max_tokens=10, seed=7)
+    runs = []
+    for lanes, batch in ((1, 5), (1, 24), (2, 10), (3, 24)):
+        monkeypatch.setattr(generation, "LANES", lanes)
+        runs.append(generate(model, tok, prompts(), batch_size=batch, **kw).token_ids)
+    assert all(r == runs[0] for r in runs[1:])
+    assert runs[0] != generate(model, tok, prompts(), batch_size=5, **{**kw, "seed": 8}).token_ids
+
+
+def test_sequence_uniforms_are_uniform_and_keyed_by_seed_sequence_and_step():
+    seqs, steps = np.repeat(np.arange(5000), 16), np.tile(np.arange(16), 5000)
+    u = sequence_uniforms(3, seqs, steps)
+    assert u.dtype == np.float32 and u.min() >= 0 and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.005
+    assert np.abs(np.histogram(u, bins=20, range=(0, 1))[0] / len(u) - 0.05).max() < 0.005
+    assert np.array_equal(u, sequence_uniforms(3, seqs, steps))  # a pure function of (seed, sequence, step)
+    assert np.array_equal(u[17:18], sequence_uniforms(3, [1], [1]))
+    other = [
+        sequence_uniforms(4, seqs, steps),
+        sequence_uniforms(3, seqs + 1, steps),
+        sequence_uniforms(3, seqs, steps + 1),
+    ]
+    assert all(np.mean(o == u) < 0.001 for o in other)
+    assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 0.02
+
+
+def test_inverse_cdf_sample_matches_a_plain_inverse_cdf():
+    """The two-level search finds the same token as one cumulative sum over the whole vocabulary (V not a multiple
+    of the block: padded)."""
+    rng = np.random.default_rng(0)
+    logits = mx.array(rng.normal(size=(64, 1000)).astype(np.float32) * 3)
+    u = mx.array(rng.uniform(size=64).astype(np.float32))
+    got = np.array(inverse_cdf_sample(logits, u, 0.8))
+    w = np.array(poly_exp((logits - logits.max(-1, keepdims=True)) * (1 / 0.8)), dtype=np.float64)
+    cdf = np.cumsum(w, axis=-1)
+    want = (cdf <= np.array(u)[:, None] * cdf[:, -1:]).sum(-1)
+    assert (got == want).mean() > 0.95 and np.abs(got - want).max() <= 1  # float32 block sums vs float64: ties
+    assert got.max() < 1000 and got.min() >= 0
+
+
+def ulps(a, b) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+    return np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64))
+
+
+def test_mlx_exp_is_mx_exp_within_one_ulp():
+    x = mx.linspace(-100, 100, 400_001)
+    assert ulps(mlx_exp(x), mx.exp(x)).max() <= 1
+    assert mlx_exp(mx.array([0.0, 88.5, -88.5, float("nan")])).tolist()[:3] == [1.0, math.inf, 0.0]
+    assert math.isnan(mlx_exp(mx.array([float("nan")])).item())
+    g, y = mx.random.normal((64, 300)) * 6, mx.random.normal((64, 300))
+    from mlx_lm.models.activations import swiglu
+
+    assert ulps(_mlx_swiglu(g, y), swiglu(g, y)).max() <= 8
+    logits = mx.random.normal((16, 5000)) * 5
+    assert ulps(mlx_logsumexp(logits), mx.logsumexp(logits, axis=-1)).max() <= 2
+
+
+def test_mlx_exp_ops_give_the_stock_forward_within_float32_rounding(tiny):
+    import mlx_lm.models.llama as llama
+
+    model, tok = tiny
+    stock = (llama.swiglu, llama.scaled_dot_product_attention)
+    ids = mx.array([encode_prompt(tok, m)[:20] for m in prompts()[:2]])
+    want = model(ids)
+    with mlx_exp_ops(model):
+        got = model(ids)
+    assert (llama.swiglu, llama.scaled_dot_product_attention) == stock
+    assert mx.abs(got - want).max().item() < 1e-5 * mx.abs(want).max().item()
+
+
+def test_trainable_ops_have_the_stock_gradients():
+    from mlx_lm.models.activations import swiglu
+
+    g, x, w = mx.random.normal((8, 40)) * 4, mx.random.normal((8, 40)), mx.random.normal((8, 40))
+    got = mx.grad(lambda a, b: (trainable_swiglu(a, b) * w).sum(), argnums=(0, 1))(g, x)
+    want = mx.grad(lambda a, b: (swiglu(a, b) * w).sum(), argnums=(0, 1))(g, x)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    logits = mx.random.normal((6, 300)) * 5
+    got = mx.grad(lambda z: (trainable_logsumexp(z) * mx.arange(6)).sum())(logits)
+    want = mx.grad(lambda z: (mx.logsumexp(z, axis=-1) * mx.arange(6)).sum())(logits)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+    assert ulps(trainable_logsumexp(logits), mx.logsumexp(logits, axis=-1)).max() <= 2

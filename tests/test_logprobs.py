@@ -220,3 +220,64 @@ def test_shared_prompt_with_lora_and_the_fallback_for_other_models():
         np.asarray(completion_logprobs(model, batch)[0]), np.asarray(_plain(model, batch)), atol=1e-5
     )
     assert not shared_prompt_supported(Unsplittable(model))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The forward-only pass (dpoflow.modeling.reference.forward_completions)
+
+
+def prefixed_items(n, seed=0, prefix_len=6):
+    """(prompt, completion) rows: a shared prefix (a system turn), duplicated prompts, one-token completions."""
+    rng = np.random.default_rng(seed)
+    ids = lambda k: rng.integers(3, VOCAB, size=int(k)).tolist()  # noqa: E731
+    prefix = ids(prefix_len)
+    prompts = [prefix + ids(rng.integers(1, 8)) for _ in range(n)]
+    prompts[1] = prompts[0]  # a duplicated prompt runs once
+    completions = [ids(rng.integers(1, 12)) for _ in range(n)]
+    completions[2] = completions[2][:1]
+    return prompts, completions
+
+
+@pytest.mark.parametrize("budget", [2048, 12])  # 12 tokens: many batches and completion buckets
+@pytest.mark.parametrize("prefix_len", [6, 0])
+def test_forward_completions_equal_the_plain_forward(monkeypatch, budget, prefix_len):
+    from dpoflow.modeling import reference
+
+    monkeypatch.setattr(reference, "FORWARD_TOKENS", budget)
+    monkeypatch.setattr(reference, "MIN_BUCKET_TOKENS", 4)
+    monkeypatch.setattr(reference, "HEAD_ROWS", 7)
+    model = tiny_model(seed=4)
+    prompts, completions = prefixed_items(23, seed=1, prefix_len=prefix_len)
+    batch = collate_sequences(prompts, completions, PAD)
+    want_sums, want_n = completion_logprobs(model, batch)  # plain [N, T] forward, stock ops
+    want_hidden = model.model(batch.input_ids)[mx.arange(batch.n_rows), mx.array(batch.last_index)]
+    got = reference.forward_completions(model, prompts, completions, last_hidden=True)
+    np.testing.assert_allclose(got.logps, np.asarray(want_sums), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got.n_tokens, np.asarray(want_n))
+    np.testing.assert_allclose(np.asarray(got.last_hidden), np.asarray(want_hidden), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.logps, naive_sums(model, prompts, completions), rtol=1e-4, atol=1e-4)
+    only_hidden = reference.forward_completions(model, prompts, completions, logprobs=False, last_hidden=True)
+    assert only_hidden.logps is None
+    np.testing.assert_allclose(np.asarray(only_hidden.last_hidden), np.asarray(got.last_hidden), atol=1e-6)
+
+
+def test_ref_logps_and_implicit_rewards_equal_the_batched_forward(monkeypatch):
+    """compute_ref_logps / implicit_rewards on the forward-only pass equal their per-batch [2B, T] forwards."""
+    from dpoflow.core.batching import ChosenRejected
+    from dpoflow.eval import measure
+    from dpoflow.modeling import reference
+
+    model = tiny_model(seed=5)
+    prompts, completions = prefixed_items(12, seed=2)
+    _, rejected = prefixed_items(12, seed=3)
+    encoded = [EncodedPair(p, c, r) for p, c, r in zip(prompts, completions, rejected)]
+    fast = reference.pair_forward(model, encoded).logps
+    ref = ChosenRejected(fast[:12] + 0.25, fast[12:] - 0.5)
+    got = [measure.implicit_rewards(model, encoded, ref, 0.3, norm, PAD, 4) for norm in (False, True)]
+    monkeypatch.setattr(measure, "forward_supported", lambda m: False)
+    want = [measure.implicit_rewards(model, encoded, ref, 0.3, norm, PAD, 4) for norm in (False, True)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.chosen, w.chosen, atol=1e-5)
+        np.testing.assert_allclose(g.rejected, w.rejected, atol=1e-5)
+    sums, _ = completion_logprobs(model, collate_pairs(encoded, PAD))
+    np.testing.assert_allclose(fast, np.asarray(sums), rtol=1e-5, atol=1e-5)

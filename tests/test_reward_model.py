@@ -287,6 +287,31 @@ def test_shared_prompt_rewards_and_gradients_equal_the_full_forward(tiny_model_d
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-3, err_msg=k)
 
 
+@pytest.mark.parametrize("lm_weight", [0.0, 2.0])
+def test_forward_only_scoring_equals_the_batched_rewards(tiny_model_dir, monkeypatch, lm_weight):
+    """score / score_encoded_pairs run one forward-only pass (reference.forward_completions: identical prompts once,
+    their common prefix once); they equal the per-batch `rewards` forward within float32 rounding."""
+    from dpoflow.modeling import reward_model
+
+    backbone, tokenizer = load_model(tiny_model_dir, dtype="float32")
+    rm = build_reward_model(
+        backbone, tokenizer, lora_rank=4, lora_layers=2, seed=3, max_seq_len=MAX_LEN, lm_logprob_weight=lm_weight
+    )
+    from mlx.utils import tree_map
+
+    rm.update(tree_map(lambda p: p + 0.05 * mx.random.normal(p.shape), rm.trainable_parameters()))  # LoRA B != 0
+    pairs = planted_pairs(n_prompts=5, per_prompt=2, seed=7)
+    encoded = [encode_pair(rm.tokenizer, p, MAX_LEN) for p in pairs]
+    prompts = [p["prompt"] for p in pairs] * 2
+    responses = [p["chosen"] for p in pairs] + [p["rejected"] + " and more" for p in pairs]
+    fast = rm.score_encoded_pairs(encoded, batch_size=3), rm.score(prompts, responses, batch_size=3)
+    monkeypatch.setattr(reward_model, "forward_supported", lambda m: False)
+    plain = rm.score_encoded_pairs(encoded, batch_size=3), rm.score(prompts, responses, batch_size=3)
+    for f, p in zip(fast[0], plain[0]):
+        np.testing.assert_allclose(f, p, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fast[1], plain[1], rtol=1e-5, atol=1e-5)
+
+
 def test_lm_term_is_the_mean_completion_logprob_and_round_trips(tiny_model_dir, tmp_path):
     """reward = head(last hidden) + w * mean log p(completion | prompt); w is trained and saved with the head."""
     from dpoflow.core.batching import collate_sequences

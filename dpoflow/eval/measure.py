@@ -51,6 +51,7 @@ from dpoflow.eval.significance import CONFIDENCE
 from dpoflow.eval.statistics import SAMPLES
 from dpoflow.modeling import lora
 from dpoflow.modeling.generation import generate
+from dpoflow.modeling.reference import forward_supported, pair_forward
 from dpoflow.runtime.params import Params
 
 KL_TEMPERATURE = 1.0
@@ -183,21 +184,29 @@ def implicit_rewards(
     batch_size: int,
 ) -> ChosenRejected:
     """Implicit rewards beta * (log pi - log ref) [N] float64 of the policy against the cached reference, for the
-    chosen and the rejected responses, as in the training loss (length-normalized when it is)."""
+    chosen and the rejected responses, as in the training loss (length-normalized when it is). Llama-type models:
+    one forward-only pass over all pairs (modeling.reference.forward_completions: same numbers within float32
+    rounding); others: `batch_size` pairs per forward."""
     n = len(encoded)
     chosen, rejected = np.zeros(n), np.zeros(n)
-    order = np.argsort([-e.max_length for e in encoded], kind="stable")
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        batch = collate_pairs([encoded[i] for i in idx], pad)
-        sums, n_tokens = completion_logprobs(model, batch)
-        policy = split_pairs(mx.stop_gradient(sums), len(idx))
+    if n and forward_supported(model):
+        out = pair_forward(model, encoded)
+        batches = [
+            (np.arange(n), split_pairs(mx.array(out.logps), n), split_pairs(mx.array(out.n_tokens, mx.float32), n))
+        ]
+    else:
+        order = np.argsort([-e.max_length for e in encoded], kind="stable")
+        batches = []
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            sums, n_tokens = completion_logprobs(model, collate_pairs([encoded[i] for i in idx], pad))
+            batches.append((idx, split_pairs(mx.stop_gradient(sums), len(idx)), split_pairs(n_tokens, len(idx))))
+    for idx, policy, counts in batches:
         reference = ChosenRejected(
             mx.array(np.asarray(ref_logps.chosen, dtype=np.float32)[idx]),
             mx.array(np.asarray(ref_logps.rejected, dtype=np.float32)[idx]),
         )
         if length_normalize:
-            counts = split_pairs(n_tokens, len(idx))
             policy, reference = length_normalized(policy, counts), length_normalized(reference, counts)
         c, r = beta * (policy.chosen - reference.chosen), beta * (policy.rejected - reference.rejected)
         mx.eval(c, r)

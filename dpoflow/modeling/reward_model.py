@@ -51,6 +51,7 @@ from dpoflow.core.logprobs import (
     shared_target_index,
 )
 from dpoflow.modeling import loading, lora
+from dpoflow.modeling.reference import forward_completions, forward_supported
 from dpoflow.runtime.errors import UserError
 from dpoflow.runtime.io import atomic_path, read_json, write_json
 
@@ -197,7 +198,8 @@ class RewardModel(nn.Module):
     def score(
         self, prompts: Sequence[Sequence[Mapping[str, str]]], responses: Sequence[str], batch_size: int = 16
     ) -> list[float]:
-        """Reward of each (prompt messages, response text) pair, computed in length-sorted batches.
+        """Reward of each (prompt messages, response text) pair: one forward-only pass where the model allows
+        (identical prompts run once; `batch_size` then only applies to other models), else length-sorted batches.
 
         Equals scoring one by one (up to float rounding): see the module docstring.
         """
@@ -206,6 +208,9 @@ class RewardModel(nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         encoded = [self.encode(p, r) for p, r in zip(prompts, responses)]
+        if encoded and forward_supported(self.backbone):
+            rewards = self._forward_rewards([e[0] for e in encoded], [e[1] for e in encoded])
+            return [float(x) for x in np.asarray(rewards, dtype=np.float64)]
         order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
         out = np.zeros(len(encoded), dtype=np.float64)
         for start in range(0, len(order), batch_size):
@@ -216,15 +221,34 @@ class RewardModel(nn.Module):
             out[idx] = np.asarray(r, dtype=np.float64)
         return [float(x) for x in out]
 
+    def _forward_rewards(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> mx.array:
+        """`rewards` of (prompt, completion) rows in one forward-only pass (reference.forward_completions: prompts
+        deduplicated, their common prefix run once; the same rewards within float32 rounding) [N] float32."""
+        lm = "lm_weight" in self
+        out = forward_completions(self.backbone, prompts, completions, logprobs=lm, last_hidden=True)
+        reward = self.head(out.last_hidden).reshape(len(prompts)).astype(mx.float32)
+        if not lm:
+            return reward
+        return reward + self.lm_weight * (mx.array(out.logps) / mx.array(out.n_tokens, dtype=mx.float32))
+
     def score_encoded_pairs(
         self, encoded: Sequence[EncodedPair], batch_size: int = 16
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(chosen rewards [P], rejected rewards [P]) of tokenized pairs, `batch_size` pairs per forward."""
+        """(chosen rewards [P], rejected rewards [P]) of tokenized pairs: one forward-only pass where the model
+        allows (reference.forward_completions), else `batch_size` pairs per forward."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        order = sorted(range(len(encoded)), key=lambda i: -encoded[i].max_length)
-        chosen = np.zeros(len(encoded), dtype=np.float64)
-        rejected = np.zeros(len(encoded), dtype=np.float64)
+        n = len(encoded)
+        if n and forward_supported(self.backbone):
+            prompts = [e.prompt_ids for e in encoded]
+            rewards = self._forward_rewards(
+                prompts + prompts, [e.chosen_ids for e in encoded] + [e.rejected_ids for e in encoded]
+            )
+            rewards = np.asarray(rewards, dtype=np.float64)
+            return rewards[:n], rewards[n:]
+        order = sorted(range(n), key=lambda i: -encoded[i].max_length)
+        chosen = np.zeros(n, dtype=np.float64)
+        rejected = np.zeros(n, dtype=np.float64)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = collate_pairs([encoded[i] for i in idx], self.pad_id)
