@@ -127,6 +127,6 @@ def test_checkpoint_left_by_a_kill_then_restored_from_cache_is_swept_and_never_r
     write_params(project, {"data": {"system_prompt": "Answer with the number only."}})
     out = run(project, "dvc", "repro", "sft").stdout
     assert "Running stage 'sft'" in out
-    perf = json.loads((project / "metrics" / "perf" / "sft.json").read_text())
+    perf = json.loads((project / "reports" / "perf" / "sft.json").read_text())
     assert perf["resumed_from_step"] == 0, f"resumed a stale checkpoint from step {perf['resumed_from_step']}"
     assert not ckpt.exists()
