@@ -171,7 +171,7 @@ def run(src: Path, label: str, args) -> dict:
     out = {
         "label": label,
         "src": str(src),
-        "commit": _commit(src),
+        "commit": common.checkout_commit(src),
         "threads": threads,
         "n_pairs": len(pairs),
         "shape": shape,
@@ -183,7 +183,7 @@ def run(src: Path, label: str, args) -> dict:
     summary = {k: round(v.get("ratio_to_dpo_step_cpu", 1.0), 2) for k, v in results.items()}
     print(label, "ratios (CPU s):", summary, flush=True)
     path = common.RESULTS / f"forward_passes{common.suffix()}.json"
-    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    runs = common.previous_runs(path)
     if runs:  # the first run's outputs are the yardstick
         for name, values in outputs.items():
             base = np.asarray(runs[0]["outputs"].get(name, []))
@@ -193,14 +193,6 @@ def run(src: Path, label: str, args) -> dict:
                 results[name]["max_rel_diff_to_first_run"] = float((diff / np.maximum(np.abs(base), 1e-6)).max())
     print(common.write_result(path.stem, {"runs": runs + [out]}))
     return out
-
-
-def _commit(src: Path) -> str:
-    r = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(
-        ["git", "-C", str(src), "status", "--porcelain", "--", "dpoflow"], capture_output=True, text=True
-    ).stdout.strip()
-    return r.stdout.strip() + ("+changes" if dirty else "")
 
 
 def main() -> None:

@@ -75,7 +75,7 @@ def run(src: Path, label: str, args) -> dict:
     out = {
         "label": label,
         "src": str(src),
-        "commit": _commit(src),
+        "commit": common.checkout_commit(src),
         "threads": common.threads(),
         "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         "lanes": getattr(G, "LANES", None) if args.lanes is not None else "auto",
@@ -98,17 +98,9 @@ def run(src: Path, label: str, args) -> dict:
         "load": common.cpu_load(),
     }
     path = common.RESULTS / f"{args.name}{common.suffix()}.json"
-    previous = json.loads(path.read_text())["runs"] if path.exists() else []
+    previous = common.previous_runs(path)
     print(common.write_result(path.stem, {"runs": previous + [out]}))
     return out
-
-
-def _commit(src: Path) -> str:
-    r = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(
-        ["git", "-C", str(src), "status", "--porcelain", "--", "dpoflow"], capture_output=True, text=True
-    ).stdout.strip()
-    return r.stdout.strip() + ("+changes" if dirty else "")
 
 
 def main() -> None:

@@ -152,7 +152,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run(args.src, args.one, args)), flush=True)
         return
     path = common.RESULTS / "threads.json"
-    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    runs = common.previous_runs(path)
     for kind in args.kinds.split(","):
         for n in args.threads.split(","):
             env = {**os.environ, "BENCH_THREADS": n, "OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n}

@@ -203,3 +203,17 @@ def write_result(name: str, data: dict) -> Path:
     data = {**data, "machine": machine_info(), "written": time.strftime("%Y-%m-%d %H:%M:%S")}
     path.write_text(json.dumps(data, indent=1))
     return path
+
+
+def checkout_commit(src: Path) -> str:
+    """Short commit of a dpoflow checkout, '+changes' when its dpoflow/ has uncommitted edits."""
+    r = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "-C", str(src), "status", "--porcelain", "--", "dpoflow"], capture_output=True, text=True
+    ).stdout.strip()
+    return r.stdout.strip() + ("+changes" if dirty else "")
+
+
+def previous_runs(path: Path) -> list[dict]:
+    """The runs a results file already holds (a benchmark appends its run to them)."""
+    return json.loads(path.read_text())["runs"] if path.exists() else []

@@ -126,7 +126,7 @@ def run(src: Path, label: str, args) -> dict:
     out = {
         "label": label,
         "src": str(src),
-        "commit": _commit(src),
+        "commit": common.checkout_commit(src),
         "threads": common.threads(),
         "workload": {"model": args.model, "prompts": args.prompts, "samples": args.samples, "batch": args.batch},
         "loop": loop,
@@ -137,17 +137,9 @@ def run(src: Path, label: str, args) -> dict:
     }
     print(label, json.dumps(out["step_ms_best"]), flush=True)
     path = common.RESULTS / f"generation_loop{common.suffix()}.json"
-    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    runs = common.previous_runs(path)
     print(common.write_result(path.stem, {"runs": runs + [out]}))
     return out
-
-
-def _commit(src: Path) -> str:
-    r = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(
-        ["git", "-C", str(src), "status", "--porcelain", "--", "dpoflow"], capture_output=True, text=True
-    ).stdout.strip()
-    return r.stdout.strip() + ("+changes" if dirty else "")
 
 
 def main() -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -78,3 +80,28 @@ def make_project(dst: Path, overrides: dict | None = None, params: Path | None =
     run(dst, "git", "add", "-A")
     run(dst, "git", "commit", "-qm", "CI profile project")
     return dst
+
+
+def kill_after_sft_checkpoint(project: Path, *args: str, after: float = 0.0, timeout: int = 900) -> None:
+    """Run `dvc repro <args>` and SIGKILL its process group `after` seconds past checkpoints/sft/state.json's
+    appearance; asserts the run was really interrupted."""
+    state = project / "checkpoints" / "sft" / "state.json"
+    proc = subprocess.Popen(
+        ["dvc", "repro", *args],
+        cwd=project,
+        env=env_for(project),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while not state.exists():
+            assert proc.poll() is None, "dvc repro ended before its first checkpoint"
+            assert time.monotonic() < deadline, f"no checkpoint after {timeout} s"
+            time.sleep(0.02)
+        time.sleep(after)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill: nothing was interrupted"

@@ -25,28 +25,7 @@ from dpoflow.data.pairs import (
     write_quarantine,
 )
 from dpoflow.data.validation import validate_dpo_pairs
-
-
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": text}
-
-
-def write_lines(path: Path, rows: list) -> Path:
-    """Rows are dicts (dumped as JSON) or raw str/bytes lines."""
-    chunks = []
-    for row in rows:
-        if isinstance(row, bytes):
-            chunks.append(row)
-        elif isinstance(row, str):
-            chunks.append(row.encode("utf-8"))
-        else:
-            chunks.append(json.dumps(row).encode("utf-8"))
-    path.write_bytes(b"\n".join(chunks) + b"\n")
-    return path
+from tests.chat_rows import assistant, user, write_lines
 
 
 def load_one(tmp_path: Path, row, **kwargs) -> LoadResult:

@@ -23,7 +23,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -35,7 +34,7 @@ from safetensors import safe_open
 from dpoflow.modeling.loading import load_model, save_model
 from dpoflow.runtime import io
 from dpoflow.training.trainer import TrainConfig, TrainingDiverged, train
-from tests.pipeline_project import env_for, make_project, run
+from tests.pipeline_project import kill_after_sft_checkpoint, make_project, run
 
 ARTIFACT_DIRS = ("models", "metrics", "reports", "data", "checkpoints", "dvclive", "gates")
 ATOMIC_DIRS = ("models", "metrics", "reports", "data", "checkpoints", "gates")  # written through dpoflow.runtime.io
@@ -93,25 +92,8 @@ def loss_curve(project: Path) -> list[str]:
 def test_sigkill_during_sft_then_repro_resumes_and_matches_an_uninterrupted_run(tmp_path):
     project = make_project(tmp_path / "project")
     state = project / "checkpoints" / "sft" / "state.json"
-    proc = subprocess.Popen(
-        ["dvc", "repro", "sft"],
-        cwd=project,
-        env=env_for(project),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 600
-        while not state.exists():
-            assert proc.poll() is None, "dvc repro sft ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
-            time.sleep(0.02)
-        time.sleep(random.Random(8).uniform(0.0, 0.2))  # a random-ish point after the checkpoint
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill: nothing was interrupted"
+    # killed at a random-ish point after the first checkpoint
+    kill_after_sft_checkpoint(project, "sft", after=random.Random(8).uniform(0.0, 0.2), timeout=600)
     assert_artifacts_whole(project, ATOMIC_DIRS)
     checkpoint_step = json.loads(state.read_text())["step"] if state.exists() else 0
 

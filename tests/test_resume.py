@@ -9,18 +9,15 @@ stage sweeps it away.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.pipeline_project import ROOT, env_for, make_project, run, write_params
+from tests.pipeline_project import ROOT, env_for, kill_after_sft_checkpoint, make_project, run, write_params
 
 STAGES = str(ROOT / "stages")
 SWEEP = f"import sys; sys.path.insert(0, {STAGES!r}); from resume import sweep; print(sweep())"
@@ -80,35 +77,12 @@ def test_run_identity_is_the_run_cache_key_and_sweep_removes_only_completed_runs
     assert _python(project, SWEEP_BUT_TRAIN) == "[]" and own.exists()  # the running stage's own: the trainer decides
 
 
-def _kill_after_checkpoint(project: Path, *args: str) -> None:
-    """Run `dvc repro <args>` and SIGKILL its process group once checkpoints/sft/state.json exists."""
-    state = project / "checkpoints" / "sft" / "state.json"
-    proc = subprocess.Popen(
-        ["dvc", "repro", *args],
-        cwd=project,
-        env=env_for(project),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 900
-        while not state.exists():
-            assert proc.poll() is None, "dvc repro ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint after 15 minutes"
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-
-
 @pytest.mark.e2e
 def test_checkpoint_left_by_a_kill_then_restored_from_cache_is_swept_and_never_resumed_wrongly(tmp_path):
     project = make_project(tmp_path / "project")
     run(project, "dvc", "repro", "sft")  # the run-cache now holds this sft run
     ckpt = project / "checkpoints" / "sft"
-    _kill_after_checkpoint(project, "-f", "-s", "sft")  # the same run again, killed after its first checkpoint
+    kill_after_sft_checkpoint(project, "-f", "-s", "sft")  # the same run again, killed after its first checkpoint
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] > 0 and "|dvc-run=" in state["fingerprint"]
 

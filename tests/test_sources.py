@@ -23,34 +23,9 @@ from dpoflow.data.tasks import SYSTEM_PROMPT, build_splits, normalize_question, 
 from dpoflow.pipeline import prepare
 from dpoflow.runtime.errors import UserError
 from dpoflow.runtime.params import parse_params
+from tests.chat_rows import assistant, system, user, write_lines
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "chat" / "inputs"
-
-
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": text}
-
-
-def system(text: str) -> dict:
-    return {"role": "system", "content": text}
-
-
-def write_lines(path: Path, rows: list) -> Path:
-    """Rows are dicts/lists (dumped as JSON) or raw str/bytes lines."""
-    chunks = []
-    for row in rows:
-        if isinstance(row, bytes):
-            chunks.append(row)
-        elif isinstance(row, str):
-            chunks.append(row.encode("utf-8"))
-        else:
-            chunks.append(json.dumps(row).encode("utf-8"))
-    path.write_bytes(b"\n".join(chunks) + b"\n")
-    return path
 
 
 def sha1_id(content) -> str:
