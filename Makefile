@@ -45,8 +45,8 @@ test: setup
 	@# Headless Chromium renders the HTML report (tests/test_evaluate.py) and dvc_plots (tests/test_plots_offline.py); skipped without it; best effort.
 	@test -x /usr/bin/chromium || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
 	  apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } || echo "chromium not installed: the report and plots screenshot tests will skip"
-	$(VENV)/bin/ruff check dpoflow stages tests benchmarks
-	$(VENV)/bin/ruff format --check dpoflow stages tests benchmarks
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 # Includes the real-model tests (minutes).

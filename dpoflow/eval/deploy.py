@@ -49,7 +49,7 @@ def deploy_decision(
     iterate_metrics: Mapping[str, Any] | None = None,
     baseline: Mapping[str, float] | None = None,
 ) -> dict:
-    """reports/deploy.json: deploy = every check of gate `evaluate` passes (gates.gate_checks), with each check and
+    """The deploy decision: deploy = every check of gate `evaluate` passes (gates.gate_checks), with each check and
     its reason; on a capability regression, the rollback the workflow prescribes (the last round that met every
     threshold, a smaller learning rate and more gradual training)."""
 

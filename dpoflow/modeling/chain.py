@@ -138,8 +138,8 @@ def chain_for(
 
 
 def save_selected(out_dir: Path, chain: Sequence[Path], info: Mapping[str, Any]) -> Path:
-    """models/selected: chain/00.. (the snapshots), selection.json; with a single LoRA snapshot its adapter files
-    also at the top level, so `mlx_lm.generate --model models/sft --adapter-path models/selected` works."""
+    """The selected policy's folder: chain/00.. (the snapshots), selection.json; with a single LoRA snapshot its
+    adapter files also at the top level, so `mlx_lm.generate --model <sft> --adapter-path <this folder>` works."""
     chain = [Path(c) for c in chain]
     with io.atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
