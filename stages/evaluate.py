@@ -51,6 +51,7 @@ PAIRS = Path("data/pairs.parquet")
 ROUND_PAIRS = Path("data/rounds")
 HELDOUT_PAIRS = Path("data/heldout_pairs.parquet")
 REF_LOGPS = Path("data/ref_logps.safetensors")
+SFT_RESPONSES = Path("data/sft_responses.jsonl")  # stage sft_responses: the baseline side of the win rate
 JUDGMENTS = Path("data/evaluation/judgments.jsonl")
 REPORTS = Path("reports")
 SHEET = REPORTS / "human_eval_sheet.csv"
@@ -123,6 +124,7 @@ def _measure(p) -> None:
         judge_name=judge_name,
         items=items,
         prompts=[prompt_of(item, p.data.system_prompt or None) for item in items],
+        baseline_responses=io.read_jsonl(SFT_RESPONSES),
         probe=make_probe(p, tokenizer, kl_prompts, heldout_pairs, heldout_cache, batch_size),
         final_benchmarks=final_scores,
         baseline_benchmarks=baseline,

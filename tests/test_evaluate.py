@@ -18,7 +18,7 @@ from dpoflow.data.validation import validate_dpo_pairs
 from dpoflow.eval.deploy import deploy_decision, last_good_round
 from dpoflow.eval.human import export_human_sheet, import_human_ratings, read_human_ratings
 from dpoflow.eval.retention import retention
-from dpoflow.eval.win_rate import outcome_of, pairwise_judgments, win_rate
+from dpoflow.eval.win_rate import baseline_texts_for, decodings, outcome_of, pairwise_judgments, win_rate
 from dpoflow.reporting.charts import bar_chart, line_chart, read_tsv
 from dpoflow.reporting.report import CURVES, ReportInputs, input_lines, write_report
 from dpoflow.runtime import io
@@ -119,6 +119,24 @@ def test_verifier_judged_win_rate_on_task_items():
     prompts = [tasks.item_prompt(it, SYSTEM) for it in items]
     j = pairwise_judgments(make_judge("verifier"), items, prompts, ["1", "2", "7"], ["0", "2", "3"])
     assert [x["outcome"] for x in j] == [1.0, 0.5, 0.0]
+
+
+def test_baseline_responses_are_read_back_per_decoding_and_refused_for_other_prompts():
+    items = [{"id": f"q{i}"} for i in range(3)]
+    assert decodings(0.0) == (0.0, 1.0) and decodings(0.7) == (0.7, 0.0)
+    rows = [
+        {"decoding": "x", "temperature": t, "index": i, "id": f"q{i}", "response": f"{t}:{i}"}
+        for t in (1.0, 0.0)
+        for i in (2, 0, 1)
+    ]
+    assert baseline_texts_for(rows, items, 0.0) == ["0.0:0", "0.0:1", "0.0:2"]  # prompt order, one decoding
+    assert baseline_texts_for(rows, items, 1.0) == ["1.0:0", "1.0:1", "1.0:2"]
+    with pytest.raises(ValueError, match="other prompts: 1 of 3 differ"):
+        baseline_texts_for(rows, [{"id": "q0"}, {"id": "zz"}, {"id": "q2"}], 0.0)  # another eval split
+    with pytest.raises(ValueError, match="other prompts"):
+        baseline_texts_for(rows, items[:2], 0.0)  # made for more win_rate_prompts
+    with pytest.raises(ValueError, match="other prompts"):
+        baseline_texts_for(rows, items, 0.5)  # another decoding
 
 
 # ------------------------------------------------------------------------------------------------ human sheet

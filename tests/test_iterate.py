@@ -27,7 +27,7 @@ from dpoflow.eval.rounds import (
     round_steps,
     select_round,
 )
-from dpoflow.eval.win_rate import responses
+from dpoflow.eval.win_rate import baseline_responses, responses
 from dpoflow.modeling.chain import export_final, load_selected, save_selected
 from dpoflow.modeling.loading import load_model, model_hash
 from dpoflow.modeling.policy import build_policy, save_policy
@@ -378,6 +378,9 @@ def test_end_to_end_iterate_then_evaluate(tmp_path, tiny_model_dir, reference):
     np.testing.assert_allclose(np.asarray(final_model(ids)), np.asarray(fused(ids)), atol=1e-4)
     assert info["selected_round"] == k
     eval_items = [item(i) for i in range(200, 210)]
+    eval_prompts = [tasks.item_prompt(i, SYSTEM) for i in eval_items]
+    baseline = baseline_responses(sft_model, final_tok, eval_items, eval_prompts, p.preference.max_tokens, 0.0, p.seed)
+    assert [r["decoding"] for r in baseline] == ["greedy"] * 10 + ["sampled (temperature 1)"] * 10
     metrics, judgments, _ = run_evaluation(
         Evaluation(
             params=p,
@@ -387,7 +390,8 @@ def test_end_to_end_iterate_then_evaluate(tmp_path, tiny_model_dir, reference):
             judge=ParityJudge(),
             judge_name="parity",
             items=eval_items,
-            prompts=[tasks.item_prompt(i, SYSTEM) for i in eval_items],
+            prompts=eval_prompts,
+            baseline_responses=baseline,
             probe=make_probe(p, final_tok, kl_prompts, heldout, heldout_logps, BATCH),
             final_benchmarks={"toy_bench": 0.5, "other": 0.2},
             baseline_benchmarks={"toy_bench": 0.5, "other": 0.25},
@@ -397,6 +401,7 @@ def test_end_to_end_iterate_then_evaluate(tmp_path, tiny_model_dir, reference):
     )
     assert metrics["retention"] == pytest.approx((100 + 80) / 2)
     assert metrics["contaminated_pairs"] == 0 and len(judgments) == 10
+    assert [j["baseline"] for j in judgments] == [r["response"] for r in baseline[:10]]  # the SFT side, not redone
     assert metrics["win_rate_ci_low"] <= metrics["win_rate"] <= metrics["win_rate_ci_high"]
     other = metrics["win_rate_other_decoding"]  # gated greedy (temperature 0): sampled at 1.0 reported beside it
     assert metrics["win_rate_detail"]["decoding"] == "greedy" and other["decoding"] == "sampled (temperature 1)"

@@ -3,6 +3,8 @@
 * Responses: one per prompt and model, greedy (`temperature` 0) or sampled at `temperature` with the same seed for
   both models. DPO moves the policy's sampling distribution; greedy decoding shows only where its mode flipped.
   The gated win rate uses `evaluate.win_rate_temperature`; the other decoding is measured and reported beside it.
+  The baseline's responses (`baseline_responses`, both decodings) are computed once by their own stage and reused
+  while the SFT model and the prompts are unchanged; samples do not depend on the batch (per-sequence uniforms).
 * Outcome of one prompt: 1 = the final model's response is judged better than the baseline's, 0 = worse,
   0.5 = tie (equal judge scores, or identical text). Win rate = mean outcome (ties count half).
 * 95% interval: percentile bootstrap over prompts, `bootstrap_samples` resamples from a seeded generator; a
@@ -27,6 +29,7 @@ from dpoflow.modeling.generation import generate
 
 CONFIDENCE = 0.95
 OTHER_DECODING_TEMPERATURE = 1.0  # reported-only sampled win rate when the gated one is greedy: the policy itself
+GENERATION_BATCH_SIZE = 64  # sequences decoded together (the samples do not depend on it)
 
 
 def outcome_of(score_final: float, score_baseline: float, same_text: bool = False) -> float:
@@ -148,29 +151,83 @@ def decoding_name(temperature: float) -> str:
     return "greedy" if temperature == 0 else f"sampled (temperature {temperature:g})"
 
 
-def head_to_head(
-    final_model: Any,
-    sft_model: Any,
+def decodings(temperature: float) -> tuple[float, float]:
+    """(gated, other): the win rate is gated at `temperature`; the other decoding (greedy, or sampled at
+    OTHER_DECODING_TEMPERATURE when the gated one is greedy) is reported beside it."""
+    return temperature, 0.0 if temperature > 0 else OTHER_DECODING_TEMPERATURE
+
+
+def _item_id(item: Mapping[str, Any] | None, index: int) -> str:
+    return str((item or {}).get("id", index))
+
+
+def baseline_responses(
+    model: Any,
     tokenizer: Any,
-    judge: Any,
-    items: Sequence[Mapping[str, Any]],
+    items: Sequence[Mapping[str, Any] | None],
     prompts: Sequence[list[dict]],
     max_tokens: int,
     temperature: float,
     seed: int,
+) -> list[dict]:
+    """The baseline model's responses to the win-rate prompts in both `decodings(temperature)`, one row per prompt
+    and decoding: {"decoding", "temperature", "index", "id", "response"}."""
+    rows = []
+    for t in decodings(temperature):
+        name = decoding_name(t)
+        texts = responses(
+            model, tokenizer, prompts, max_tokens, t, seed, GENERATION_BATCH_SIZE, f"SFT responses, {name}"
+        )
+        rows += [
+            {"decoding": name, "temperature": t, "index": i, "id": _item_id(item, i), "response": text}
+            for i, (item, text) in enumerate(zip(items, texts))
+        ]
+    return rows
+
+
+def baseline_texts_for(
+    rows: Sequence[Mapping[str, Any]], items: Sequence[Mapping[str, Any] | None], temperature: float
+) -> list[str]:
+    """The baseline responses of one decoding in prompt order; ValueError when `rows` answer other prompts (made for
+    another eval split or win_rate_prompts)."""
+    by_index = {r["index"]: r for r in rows if r["temperature"] == temperature}
+    ids = [_item_id(item, i) for i, item in enumerate(items)]
+    found = [by_index[i]["id"] if i in by_index else None for i in range(len(ids))]
+    if found != ids or len(by_index) != len(ids):
+        missing = sum(1 for a, b in zip(found, ids) if a != b) + abs(len(by_index) - len(ids))
+        raise ValueError(
+            f"the baseline responses ({decoding_name(temperature)}) are for other prompts: {missing} of {len(ids)} "
+            "differ (rerun the sft_responses stage)"
+        )
+    return [by_index[i]["response"] for i in range(len(ids))]
+
+
+def head_to_head(
+    final_model: Any,
+    tokenizer: Any,
+    judge: Any,
+    items: Sequence[Mapping[str, Any]],
+    prompts: Sequence[list[dict]],
+    baseline: Sequence[str],
+    max_tokens: int,
+    temperature: float,
+    seed: int,
     bootstrap_samples: int,
-    batch_size: int,
     confidence: float = CONFIDENCE,
 ) -> tuple[dict, list[dict]]:
-    """Win rate (with its bootstrap interval) of the final model's responses over the SFT model's, and the
-    per-prompt judgments, for one decoding."""
+    """Win rate (with its bootstrap interval) of the final model's responses over the `baseline` responses (the SFT
+    model's, same decoding), and the per-prompt judgments, for one decoding."""
     label = decoding_name(temperature)
     final_texts = responses(
-        final_model, tokenizer, prompts, max_tokens, temperature, seed, batch_size, f"final responses, {label}"
+        final_model,
+        tokenizer,
+        prompts,
+        max_tokens,
+        temperature,
+        seed,
+        GENERATION_BATCH_SIZE,
+        f"final responses, {label}",
     )
-    base_texts = responses(
-        sft_model, tokenizer, prompts, max_tokens, temperature, seed, batch_size, f"SFT responses, {label}"
-    )
-    judgments = pairwise_judgments(judge, list(items), list(prompts), final_texts, base_texts)
+    judgments = pairwise_judgments(judge, list(items), list(prompts), final_texts, list(baseline))
     outcomes = [j["outcome"] for j in judgments]
     return win_rate(outcomes, bootstrap_samples=bootstrap_samples, seed=seed, confidence=confidence), judgments

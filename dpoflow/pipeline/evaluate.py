@@ -19,15 +19,9 @@ from dpoflow.data.judges import Judge
 from dpoflow.eval.deploy import deploy_decision
 from dpoflow.eval.measure import Probe, measure_policy
 from dpoflow.eval.retention import retention
-from dpoflow.eval.win_rate import (
-    OTHER_DECODING_TEMPERATURE,
-    decoding_name,
-    head_to_head,
-)
+from dpoflow.eval.win_rate import baseline_texts_for, decoding_name, decodings, head_to_head
 from dpoflow.runtime import io
 from dpoflow.runtime.params import Params
-
-GENERATION_BATCH_SIZE = 64
 
 
 @dataclass
@@ -36,12 +30,13 @@ class Evaluation:
 
     params: Params
     final_model: nn.Module
-    sft_model: nn.Module
+    sft_model: nn.Module  # the KL reference
     tokenizer: Any
     judge: Judge
     judge_name: str  # as reported (which judge, and why)
     items: Sequence[Mapping[str, Any] | None]  # per win-rate prompt: its task item (None without a verifier)
     prompts: Sequence[list[dict]]  # the win-rate prompts (chat messages)
+    baseline_responses: Sequence[Mapping[str, Any]]  # the SFT model's, both decodings (win_rate.baseline_responses)
     probe: Probe  # KL and held-out gap, as every stage measures them
     final_benchmarks: Mapping[str, float]
     baseline_benchmarks: Mapping[str, float]
@@ -50,42 +45,29 @@ class Evaluation:
 
 
 def run_evaluation(ev: Evaluation) -> tuple[dict, list[dict], dict]:
-    """(metrics, judgments, perf): retention of the benchmarks; the win rate of the final model's responses, decoded
-    at evaluate.win_rate_temperature (gated; judgments returned) and with the other decoding (greedy, or sampled at
-    temperature 1 when the gated one is greedy: reported only); KL(final || SFT) and the held-out gap
-    (measure_policy); the contamination audit of every training pair set."""
+    """(metrics, judgments, perf): retention of the benchmarks; the win rate of the final model's responses over the
+    SFT model's, decoded at evaluate.win_rate_temperature (gated; judgments returned) and with the other decoding
+    (reported only; win_rate.decodings); KL(final || SFT) and the held-out gap (measure_policy); the contamination
+    audit of every training pair set."""
     p = ev.params
-    pe, temperature, max_tokens = p.evaluate, p.evaluate.win_rate_temperature, p.preference.max_tokens
+    pe, max_tokens = p.evaluate, p.preference.max_tokens
     t0 = time.perf_counter()
     ret = retention(ev.final_benchmarks, ev.baseline_benchmarks)
-    wr, judgments = head_to_head(
-        ev.final_model,
-        ev.sft_model,
-        ev.tokenizer,
-        ev.judge,
-        ev.items,
-        ev.prompts,
-        max_tokens,
-        temperature,
-        p.seed,
-        pe.bootstrap_samples,
-        GENERATION_BATCH_SIZE,
-        p.gates.confidence,
-    )
-    other_temperature = 0.0 if temperature > 0 else OTHER_DECODING_TEMPERATURE
-    wr_other, _ = head_to_head(
-        ev.final_model,
-        ev.sft_model,
-        ev.tokenizer,
-        ev.judge,
-        ev.items,
-        ev.prompts,
-        max_tokens,
-        other_temperature,
-        p.seed,
-        pe.bootstrap_samples,
-        GENERATION_BATCH_SIZE,
-        p.gates.confidence,
+    (wr, judgments), (wr_other, _) = (
+        head_to_head(
+            ev.final_model,
+            ev.tokenizer,
+            ev.judge,
+            ev.items,
+            ev.prompts,
+            baseline_texts_for(ev.baseline_responses, ev.items, temperature),
+            max_tokens,
+            temperature,
+            p.seed,
+            pe.bootstrap_samples,
+            p.gates.confidence,
+        )
+        for temperature in decodings(pe.win_rate_temperature)
     )
     t1 = time.perf_counter()
     measured, _ = measure_policy(ev.final_model, ev.tokenizer, ev.probe, ev.sft_model)
@@ -108,9 +90,9 @@ def run_evaluation(ev: Evaluation) -> tuple[dict, list[dict], dict]:
         "win_rate_detail": {
             k: wr[k] for k in ("n", "wins", "ties", "losses", "bootstrap_samples", "confidence", "seed")
         }
-        | {"judge": ev.judge_name, "max_tokens": max_tokens, "decoding": decoding_name(temperature)},
+        | {"judge": ev.judge_name, "max_tokens": max_tokens, "decoding": decoding_name(pe.win_rate_temperature)},
         "win_rate_other_decoding": {
-            "decoding": decoding_name(other_temperature),
+            "decoding": decoding_name(decodings(pe.win_rate_temperature)[1]),
             "win_rate": wr_other["win_rate"],
             "ci_low": wr_other["ci_low"],
             "ci_high": wr_other["ci_high"],

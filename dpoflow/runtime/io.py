@@ -111,6 +111,19 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows))
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows a stage wrote with `write_jsonl`; a broken line raises ValueError naming file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{line_no}: invalid JSON: {exc}") from exc
+    return rows
+
+
 SAFETENSORS_DTYPES = {
     "bool": "BOOL",
     "uint8": "U8",
