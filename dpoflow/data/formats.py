@@ -17,12 +17,15 @@ from dpoflow.data.pairs import (
     LoadResult,
     Record,
     RowError,
+    as_message_list,
     check_format,
+    check_text,
     make_pair,
     prompt_text,
     quarantine_row,
     read_records,
     required_field,
+    role_and_content,
     type_name,
 )
 
@@ -326,12 +329,8 @@ def _check_unicode(prompt: list[dict], chosen: str, rejected: str, task: Any, so
     texts = [(f"prompt[{i}].{key}", m[key]) for i, m in enumerate(prompt) for key in ("role", "content")]
     texts += [("chosen", chosen), ("rejected", rejected), ("task", task), ("source", source)]
     for name, text in texts:
-        if not isinstance(text, str):
-            continue
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise RowError(name, f"invalid UTF-8: unpaired surrogate at character {exc.start}") from None
+        if isinstance(text, str):
+            check_text(name, text)
 
 
 def _string(row: dict, key: str) -> str:
@@ -342,21 +341,13 @@ def _string(row: dict, key: str) -> str:
 
 
 def _messages(value: Any, name: str) -> list[dict]:
-    if not isinstance(value, list):
-        raise RowError(name, f"wrong type: expected a list of {{role, content}} messages, got {type_name(value)}")
     messages = []
-    for i, message in enumerate(value):
+    for i, message in enumerate(as_message_list(value, name)):
         where = f"{name}[{i}]"
-        if not isinstance(message, dict):
-            raise RowError(where, f"wrong type: expected a {{role, content}} object, got {type_name(message)}")
-        for key in ("role", "content"):
-            if message.get(key) is None:
-                raise RowError(f"{where}.{key}", "missing field")
-            if not isinstance(message[key], str):
-                raise RowError(f"{where}.{key}", f"wrong type: expected string, got {type_name(message[key])}")
-        if not message["role"].strip():
+        role, content = role_and_content(message, where)
+        if not role.strip():
             raise RowError(f"{where}.role", "empty string")
-        messages.append({"role": message["role"], "content": message["content"]})
+        messages.append({"role": role, "content": content})
     return messages
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dpoflow.data.pairs import RowError, make_pair
@@ -84,7 +84,6 @@ def load_argilla(
     `response_fields` (for label questions; default: the string fields other than the prompt and Argilla's own
     columns, which must be exactly two) override the detection.
     """
-    source = open_input(spec, split)
 
     def convert(value: Any, location: str) -> tuple[dict, str]:
         row = as_object(value)
@@ -129,15 +128,7 @@ def load_argilla(
         pair = _label_pair(prompt, fields, chosen, rejected, pair_task, f"argilla:{location}")
         return pair, location
 
-    accepted, quarantined = convert_records(source, convert, "an Argilla record (fields plus a question's responses)")
-    return PairLoad(
-        [p for _, (p, _) in accepted],
-        in_input_order(quarantined),
-        len(source.rows),
-        [loc for loc, _ in accepted],
-        fingerprint=source.fingerprint,
-        origin=source.origin,
-    )
+    return _load_labels(spec, split, convert, "an Argilla record (fields plus a question's responses)")
 
 
 def _argilla_record(row: dict) -> tuple[dict, dict[str, list[tuple[Any, str | None]]]]:
@@ -297,6 +288,22 @@ def _label_pair(prompt: list[dict], texts: dict, chosen_key: str, rejected_key: 
     return make_pair(prompt, chosen, rejected, None, None, task=task if isinstance(task, str) else None, source=source)
 
 
+def _load_labels(
+    spec: str | os.PathLike, split: str | None, convert: Callable[[Any, str], tuple[dict, str]], what: str
+) -> PairLoad:
+    """Run `convert(row, location) -> (pair, location)` over every row of `spec` (see reading.convert_records)."""
+    source = open_input(spec, split)
+    accepted, quarantined = convert_records(source, convert, what)
+    return PairLoad(
+        [p for _, (p, _) in accepted],
+        in_input_order(quarantined),
+        len(source.rows),
+        [loc for loc, _ in accepted],
+        fingerprint=source.fingerprint,
+        origin=source.origin,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 
 # 3b. Label Studio pairwise exports
@@ -333,7 +340,6 @@ def load_label_studio(
     a `selected` other than left/right (``wrong value``). Predictions (pre-annotations) are ignored. Pairs are
     label-only, ``source`` is ``label_studio:<file>:<line>``, ``task`` is ``data.task`` or the `task` argument.
     """
-    source = open_input(spec)
 
     def convert(value: Any, location: str) -> tuple[dict, str]:
         row = as_object(value)
@@ -413,15 +419,7 @@ def load_label_studio(
         )
         return pair, location
 
-    accepted, quarantined = convert_records(source, convert, "a Label Studio task (`data` plus `annotations`)")
-    return PairLoad(
-        [p for _, (p, _) in accepted],
-        in_input_order(quarantined),
-        len(source.rows),
-        [loc for loc, _ in accepted],
-        fingerprint=source.fingerprint,
-        origin=source.origin,
-    )
+    return _load_labels(spec, None, convert, "a Label Studio task (`data` plus `annotations`)")
 
 
 # --------------------------------------------------------------------------------------------------

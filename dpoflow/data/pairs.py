@@ -283,5 +283,32 @@ def required_field(row: dict, key: str) -> Any:
     return row[key]
 
 
+def check_text(field: str, text: str) -> None:
+    """JSON can carry lone surrogates ("\\ud800") that no UTF-8 writer accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowError(field, f"invalid UTF-8: unpaired surrogate at character {exc.start}") from None
+
+
+def as_message_list(value: Any, field: str) -> list:
+    """`value` if it is a list (of messages, checked one by one with role_and_content)."""
+    if not isinstance(value, list):
+        raise RowError(field, f"wrong type: expected a list of {{role, content}} messages, got {type_name(value)}")
+    return value
+
+
+def role_and_content(message: Any, where: str) -> tuple[str, str]:
+    """The string `role` and `content` of one message object."""
+    if not isinstance(message, dict):
+        raise RowError(where, f"wrong type: expected a {{role, content}} object, got {type_name(message)}")
+    for key in ("role", "content"):
+        if message.get(key) is None:
+            raise RowError(f"{where}.{key}", "missing field")
+        if not isinstance(message[key], str):
+            raise RowError(f"{where}.{key}", f"wrong type: expected string, got {type_name(message[key])}")
+    return message["role"], message["content"]
+
+
 def _short(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -13,8 +13,11 @@ from typing import Any
 from dpoflow.data.pairs import (  # noqa: F401 (PREVIEW_CHARS, required_field, type_name: re-exported)
     PREVIEW_CHARS,
     RowError,
+    as_message_list,
+    check_text,
     quarantine_preview,
     required_field,
+    role_and_content,
     type_name,
 )
 
@@ -91,27 +94,19 @@ def response_text(value: Any, field: str) -> str:
 
 def parse_messages(value: Any, field: str) -> list[dict]:
     """A non-empty list of {role, content} with string content, roles in ROLES, a system message only first."""
-    if not isinstance(value, list):
-        raise RowError(field, f"wrong type: expected a list of {{role, content}} messages, got {type_name(value)}")
-    if not value:
+    items = as_message_list(value, field)
+    if not items:
         raise RowError(field, "empty string (no messages)")
     messages = []
-    for i, message in enumerate(value):
+    for i, message in enumerate(items):
         where = f"{field}[{i}]"
-        if not isinstance(message, dict):
-            raise RowError(where, f"wrong type: expected a {{role, content}} object, got {type_name(message)}")
-        for key in ("role", "content"):
-            if message.get(key) is None:
-                raise RowError(f"{where}.{key}", "missing field")
-            if not isinstance(message[key], str):
-                raise RowError(f"{where}.{key}", f"wrong type: expected string, got {type_name(message[key])}")
-        role = message["role"]
+        role, content = role_and_content(message, where)
         if role not in ROLES:
             raise RowError(f"{where}.role", f"unsupported role {short_value(role)}: expected system, user or assistant")
         if role == "system" and i:
             raise RowError(f"{where}.role", "invalid conversation: a system message is only allowed first")
-        check_text(f"{where}.content", message["content"])
-        messages.append({"role": role, "content": message["content"]})
+        check_text(f"{where}.content", content)
+        messages.append({"role": role, "content": content})
     return messages
 
 
@@ -135,14 +130,6 @@ def check_prompt_end(prompt: list[dict], field: str, why: str) -> None:
         raise RowError(field, f"invalid conversation: {why}, got {got}")
     if not prompt[-1]["content"].strip():
         raise RowError(f"{field}[{len(prompt) - 1}].content", "empty string (the last user turn)")
-
-
-def check_text(field: str, text: str) -> None:
-    """JSON can carry lone surrogates ("\\ud800") that no UTF-8 writer accepts."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise RowError(field, f"invalid UTF-8: unpaired surrogate at character {exc.start}") from None
 
 
 def content_id(content: Any) -> str:

@@ -140,7 +140,8 @@ def run_benchmarks(
     system_prompt: str | None = None,
     confirm_run_unsafe_code: bool = True,
     offline: bool | None = None,
-) -> dict[str, dict[str, float]]:
+    per_document: bool = False,
+) -> dict[str, dict[str, Any]]:
     """Evaluate the mlx-lm model at `model_path` on `task_names`; returns {task: {metric: value, ..., "score"}}.
 
     `score` is the flat retention number (see `SCORE_METRIC` / module docstring); `n_samples` is how many
@@ -157,70 +158,8 @@ def run_benchmarks(
     (log-likelihood tasks and completion-style HumanEval). A model without a chat template runs everything
     plain. `offline` (default: when every task is local) sets HF_DATASETS_OFFLINE and
     HF_HUB_OFFLINE unless they are already set. `confirm_run_unsafe_code` lets dpoflow_humaneval execute
-    generated code (in a limited subprocess).
+    generated code (in a limited subprocess). `per_document`: see `run_benchmarks_per_document`.
     """
-    return _evaluate(
-        model_path,
-        task_names,
-        include_path,
-        limit,
-        seed,
-        batch_size,
-        system_prompt=system_prompt,
-        confirm_run_unsafe_code=confirm_run_unsafe_code,
-        offline=offline,
-        log_samples=False,
-    )
-
-
-def run_benchmarks_per_document(
-    model_path: str | os.PathLike,
-    task_names: list[str],
-    include_path: IncludePath,
-    limit: Limit = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    *,
-    system_prompt: str | None = None,
-    confirm_run_unsafe_code: bool = True,
-    offline: bool | None = None,
-) -> dict[str, dict[str, Any]]:
-    """`run_benchmarks` (same arguments, same evaluation, same flat metrics) plus, per task, each document's score:
-
-        {task: {...flat metrics, "score", "n_samples", "doc_metric": "acc_norm",
-                "docs": [{"doc_id": 0, "score": 1.0}, {"doc_id": 1, "score": 0.0}, ...]}}
-
-    `docs` is in doc_id order (deterministic: the same documents and scores for the same model, limit and seed) and
-    its mean is `score`; `doc_metric` names the metric (lm-eval's "metric" or "metric,filter"). `docs` is None for
-    a task whose score metric has no per-document value (corpus-level metrics). The cost over `run_benchmarks` is
-    only lm-eval keeping the samples in memory."""
-    return _evaluate(
-        model_path,
-        task_names,
-        include_path,
-        limit,
-        seed,
-        batch_size,
-        system_prompt=system_prompt,
-        confirm_run_unsafe_code=confirm_run_unsafe_code,
-        offline=offline,
-        log_samples=True,
-    )
-
-
-def _evaluate(
-    model_path: str | os.PathLike,
-    task_names: list[str],
-    include_path: IncludePath,
-    limit: Limit,
-    seed: int,
-    batch_size: int,
-    *,
-    system_prompt: str | None,
-    confirm_run_unsafe_code: bool,
-    offline: bool | None,
-    log_samples: bool,
-) -> dict[str, dict[str, Any]]:
     if isinstance(limit, Mapping) and set(limit) - set(task_names):
         log.warning("limit names task(s) %s that are not run: a misspelt name?", sorted(set(limit) - set(task_names)))
     manifest = _read_manifest(include_path)
@@ -281,7 +220,7 @@ def _evaluate(
             fewshot_random_seed=seed,
             confirm_run_unsafe_code=confirm_run_unsafe_code,
             bootstrap_iters=1000,
-            log_samples=log_samples,
+            log_samples=per_document,
         )
         log.info("lm-eval %s (chat=%s): %.1f s", tasks, chat, time.perf_counter() - start)
         n_samples = result.get("n-samples", {})
@@ -293,9 +232,44 @@ def _evaluate(
             key = _score_key(task, metrics, manifest)
             if key is not None:
                 metrics["score"] = metrics[key]
-            if log_samples:
+            if per_document:
                 metrics["doc_metric"] = key
                 # a group's own row (stock lm-eval groups such as mmlu) has no samples: its subtasks do
                 metrics["docs"] = _documents(task, samples[task], key) if key and task in samples else None
             out[task] = metrics
     return out
+
+
+def run_benchmarks_per_document(
+    model_path: str | os.PathLike,
+    task_names: list[str],
+    include_path: IncludePath,
+    limit: Limit = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    *,
+    system_prompt: str | None = None,
+    confirm_run_unsafe_code: bool = True,
+    offline: bool | None = None,
+) -> dict[str, dict[str, Any]]:
+    """`run_benchmarks` (same arguments, same evaluation, same flat metrics) plus, per task, each document's score:
+
+        {task: {...flat metrics, "score", "n_samples", "doc_metric": "acc_norm",
+                "docs": [{"doc_id": 0, "score": 1.0}, {"doc_id": 1, "score": 0.0}, ...]}}
+
+    `docs` is in doc_id order (deterministic: the same documents and scores for the same model, limit and seed) and
+    its mean is `score`; `doc_metric` names the metric (lm-eval's "metric" or "metric,filter"). `docs` is None for
+    a task whose score metric has no per-document value (corpus-level metrics). The cost over `run_benchmarks` is
+    only lm-eval keeping the samples in memory."""
+    return run_benchmarks(
+        model_path,
+        task_names,
+        include_path,
+        limit,
+        seed,
+        batch_size,
+        system_prompt=system_prompt,
+        confirm_run_unsafe_code=confirm_run_unsafe_code,
+        offline=offline,
+        per_document=True,
+    )

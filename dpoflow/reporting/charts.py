@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import html
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,29 @@ def _hlines(hlines: Sequence[tuple[float, str]], sy, left: float, pw: float) -> 
     return out
 
 
+def _plot_area(
+    y0: float, y1: float, sy: Callable[[float], float], left: float, top: float, pw: float, ph: float
+) -> list[str]:
+    """The plot area's background, with a grid line and a label at each y tick."""
+    body = [f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#bbbbbb"/>']
+    for t in _ticks(y0, y1):
+        body.append(
+            f'<line x1="{left}" y1="{sy(t):.1f}" x2="{left + pw}" y2="{sy(t):.1f}" stroke="#e5e5e5"/>'
+            f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" font-family="sans-serif" '
+            f'font-size="11">{esc(fmt(t, 3))}</text>'
+        )
+    return body
+
+
+def _y_label(y_label: str, top: float, ph: float) -> list[str]:
+    if not y_label:
+        return []
+    return [
+        f'<text x="14" y="{top + ph / 2:.1f}" text-anchor="middle" font-family="sans-serif" '
+        f'font-size="12" transform="rotate(-90 14 {top + ph / 2:.1f})">{esc(y_label)}</text>'
+    ]
+
+
 def line_chart(
     title: str,
     series: Mapping[str, Series],
@@ -138,13 +161,7 @@ def line_chart(
     def sy(y: float) -> float:
         return top + (1 - (y - y0) / (y1 - y0)) * ph
 
-    body = [f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#bbbbbb"/>']
-    for t in _ticks(y0, y1):
-        body.append(
-            f'<line x1="{left}" y1="{sy(t):.1f}" x2="{left + pw}" y2="{sy(t):.1f}" stroke="#e5e5e5"/>'
-            f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" font-family="sans-serif" '
-            f'font-size="11">{esc(fmt(t, 3))}</text>'
-        )
+    body = _plot_area(y0, y1, sy, left, top, pw, ph)
     x_ticks = _ticks(x0, x1)
     if integer_x:
         x_ticks = [float(t) for t in range(math.ceil(x0), math.floor(x1) + 1)]
@@ -157,11 +174,7 @@ def line_chart(
         f'<text x="{left + pw / 2:.1f}" y="{top + ph + 32}" text-anchor="middle" font-family="sans-serif" '
         f'font-size="12">{esc(x_label)}</text>'
     )
-    if y_label:
-        body.append(
-            f'<text x="14" y="{top + ph / 2:.1f}" text-anchor="middle" font-family="sans-serif" '
-            f'font-size="12" transform="rotate(-90 14 {top + ph / 2:.1f})">{esc(y_label)}</text>'
-        )
+    body += _y_label(y_label, top, ph)
     body += _hlines(hlines, sy, left, pw)
     for i, (name, pts) in enumerate(data.items()):
         color = PALETTE[i % len(PALETTE)]
@@ -206,18 +219,8 @@ def bar_chart(
     def sy(y: float) -> float:
         return top + (1 - (min(max(y, y0), y1) - y0) / (y1 - y0)) * ph
 
-    body = [f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#bbbbbb"/>']
-    for t in _ticks(y0, y1):
-        body.append(
-            f'<line x1="{left}" y1="{sy(t):.1f}" x2="{left + pw}" y2="{sy(t):.1f}" stroke="#e5e5e5"/>'
-            f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" font-family="sans-serif" '
-            f'font-size="11">{esc(fmt(t, 3))}</text>'
-        )
-    if y_label:
-        body.append(
-            f'<text x="14" y="{top + ph / 2:.1f}" text-anchor="middle" font-family="sans-serif" '
-            f'font-size="12" transform="rotate(-90 14 {top + ph / 2:.1f})">{esc(y_label)}</text>'
-        )
+    body = _plot_area(y0, y1, sy, left, top, pw, ph)
+    body += _y_label(y_label, top, ph)
     slot = pw / len(bars)
     bw = min(80.0, slot * 0.6)
     for i, (label, value, ci) in enumerate(bars):
