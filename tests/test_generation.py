@@ -5,6 +5,8 @@ exp (polynomial exp in SwiGLU, the decode attention and the temperature sampler)
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from contextlib import nullcontext
 
 import mlx.core as mx
@@ -208,6 +210,22 @@ def test_decode_lanes_give_mlx_lm_greedy_output(tiny, monkeypatch, lanes):
     monkeypatch.setattr(generation, "LANES", lanes)  # rows split over lanes on their own streams
     out = generate(model, tok, prompts(), n_samples=3, temperature=0.0, max_tokens=12, batch_size=9, fast_exp=False)
     assert out.token_ids == mlx_lm_greedy(model, tok, prompts(), 3, 12)
+
+
+def test_a_process_that_decoded_in_lanes_exits_cleanly(tiny_model_dir):
+    """Each lane thread destroys its MLX stream before it ends: one left behind aborted the interpreter at exit
+    ("terminate called without an active exception", rc 134) in about half of such runs."""
+    code = (
+        "from dpoflow.modeling import generation\n"
+        "from dpoflow.modeling.loading import load_model\n"
+        "generation.LANES = 2\n"
+        f"model, tok = load_model({str(tiny_model_dir)!r})\n"
+        "prompts = [[{'role': 'user', 'content': f'Is {i} odd?'}] for i in range(24)]\n"
+        "generation.generate(model, tok, prompts, max_tokens=6, batch_size=24)\n"
+    )
+    for _ in range(5):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-400:]
 
 
 def test_samples_do_not_depend_on_batch_size_or_lanes(tiny, monkeypatch):

@@ -50,7 +50,7 @@ from dpoflow.eval.intervals import heldout_gap_metrics, kl_metrics, pair_accurac
 from dpoflow.eval.significance import CONFIDENCE
 from dpoflow.eval.statistics import SAMPLES
 from dpoflow.modeling import lora
-from dpoflow.modeling.generation import generate
+from dpoflow.modeling.generation import DECODE_BATCH, generate
 from dpoflow.modeling.reference import forward_supported, pair_forward
 from dpoflow.runtime.params import Params
 
@@ -72,7 +72,7 @@ def sample_completions(
     seed: int,
     n_samples: int,
     max_tokens: int,
-    batch_size: int = 64,
+    batch_size: int = DECODE_BATCH,
 ) -> SeqBatch:
     """Sample `n_samples` completions per prompt from the policy at temperature 1.0 (seeded) as a SeqBatch whose
     loss_mask marks every sampled position (the eos too when the sample stopped there).
@@ -131,7 +131,7 @@ def measure_kl(
     seed: int,
     n_samples: int,
     max_tokens: int,
-    batch_size: int = 64,
+    batch_size: int = DECODE_BATCH,
     *,
     confidence: float | None = None,
     bootstrap_samples: int = SAMPLES,
@@ -252,7 +252,7 @@ def greedy_accuracy(
     items: Sequence[dict],
     system_prompt: str,
     max_tokens: int = 16,
-    batch_size: int = 64,
+    batch_size: int = DECODE_BATCH,
     desc: str = "accuracy",
     confidence: float = CONFIDENCE,
 ) -> dict[str, float]:

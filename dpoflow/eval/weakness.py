@@ -46,6 +46,7 @@ from typing import Any
 from dpoflow.data.prompts import prompt_of
 from dpoflow.eval.statistics import bootstrap_mean_interval, wilson_interval
 from dpoflow.eval.win_rate import responses
+from dpoflow.modeling.generation import DECODE_BATCH
 
 CONFIDENCE = 0.95
 BOOTSTRAP_SAMPLES = 2000
@@ -283,7 +284,7 @@ def greedy_responses(
     *,
     system_prompt: str | None,
     max_tokens: int,
-    batch_size: int = 64,
+    batch_size: int = DECODE_BATCH,
     seed: int = 0,
 ) -> list[str]:
     """One greedy response per item (win_rate.responses), as Stage 7 generates them."""
@@ -299,7 +300,7 @@ def policy_breakdown(
     *,
     system_prompt: str | None,
     max_tokens: int,
-    batch_size: int = 64,
+    batch_size: int = DECODE_BATCH,
     seed: int = 0,
     baseline: Sequence[str] | None = None,
 ) -> dict:

@@ -25,11 +25,10 @@ from typing import Any
 import numpy as np
 
 from dpoflow.eval.significance import p_greater, sign_test
-from dpoflow.modeling.generation import generate
+from dpoflow.modeling.generation import DECODE_BATCH, generate
 
 CONFIDENCE = 0.95
 OTHER_DECODING_TEMPERATURE = 1.0  # reported-only sampled win rate when the gated one is greedy: the policy itself
-GENERATION_BATCH_SIZE = 64  # sequences decoded together (the samples do not depend on it)
 
 
 def outcome_of(score_final: float, score_baseline: float, same_text: bool = False) -> float:
@@ -125,7 +124,7 @@ def responses(
     max_tokens: int,
     temperature: float = 0.0,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int = DECODE_BATCH,
     desc: str = "responses",
 ) -> list[str]:
     """One response per prompt: greedy when temperature is 0 (the model's mode), else one sample drawn with `seed`.
@@ -175,9 +174,7 @@ def baseline_responses(
     rows = []
     for t in decodings(temperature):
         name = decoding_name(t)
-        texts = responses(
-            model, tokenizer, prompts, max_tokens, t, seed, GENERATION_BATCH_SIZE, f"SFT responses, {name}"
-        )
+        texts = responses(model, tokenizer, prompts, max_tokens, t, seed, DECODE_BATCH, f"SFT responses, {name}")
         rows += [
             {"decoding": name, "temperature": t, "index": i, "id": _item_id(item, i), "response": text}
             for i, (item, text) in enumerate(zip(items, texts))
@@ -225,7 +222,7 @@ def head_to_head(
         max_tokens,
         temperature,
         seed,
-        GENERATION_BATCH_SIZE,
+        DECODE_BATCH,
         f"final responses, {label}",
     )
     judgments = pairwise_judgments(judge, list(items), list(prompts), final_texts, list(baseline))

@@ -219,6 +219,8 @@ def run_in_threads(jobs: list, device) -> None:
                 job()
         except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
             errors.append(e)
+        finally:
+            mx.clear_streams()  # a stream left behind by its ended thread can abort the process at exit
 
     workers = [threading.Thread(target=run, args=(job,), daemon=True) for job in jobs]
     for w in workers:

@@ -62,6 +62,7 @@ from dpoflow.modeling.fast_ops import (
 )
 
 PREFILL_BATCH = 32  # distinct prompts prefilled together
+DECODE_BATCH = 256  # rows decoded together by default (samples do not depend on it): ~1.4x 64's speed on 2 cores
 LANES: int | None = None  # decode lanes; None = 2 on the CPU with >= 2 BLAS threads and >= 2 * LANE_MIN_ROWS rows
 LANE_MIN_ROWS = 8
 
@@ -274,7 +275,7 @@ def generate(
     top_p: float = 1.0,
     max_tokens: int = 64,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int = DECODE_BATCH,
     desc: str = "generate",
     fast_exp: bool | None = None,
 ) -> Generations:

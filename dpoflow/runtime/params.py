@@ -130,8 +130,8 @@ class PreferenceParams:
     temperature_step: float = _spec(0.1, low=0)
     decontamination_ngram: int = _spec(8, low=1)
     conflict_rule: ConflictRule = "majority"
-    # Sequences decoded together. Part of the seed's meaning: the samples depend on it, so it is a param.
-    generation_batch_size: int = _spec(64, low=1)
+    # Sequences decoded together: speed and memory only (a sequence's samples do not depend on it).
+    generation_batch_size: int = _spec(256, low=1)
     # judge=import: fraction of prompts (by hash) kept aside as held-out pairs.
     import_heldout_fraction: float = _spec(0.1, low=0, high=1)
     # A prompt none of whose samples reaches the task's reference answer gets the reference as chosen (verifier /
