@@ -76,6 +76,21 @@ def test_stage1_param_edit_invalidates_stage1_and_its_dependents(pipeline):
         run(pipeline, "dvc", "repro")
 
 
+def test_a_dpo_edit_reuses_the_sft_models_win_rate_responses(pipeline):
+    """The SFT side of Stage 7's win rate is its own stage: a DPO experiment decodes only the final model."""
+    original = (pipeline / "params.yaml").read_text()
+    try:
+        write_params(pipeline, {"dpo": {"learning_rate": 3.0e-4}})
+        # --dry runs nothing, so it lists a stage only when its own inputs changed; --force-downstream adds what
+        # the changed stages feed (what a real repro would rerun once their outputs change)
+        planned = ran(run(pipeline, "dvc", "repro", "--dry", "--force-downstream").stdout)
+        assert {"dpo", "iterate", "evaluate"} <= set(planned) and "sft_responses" not in planned, planned
+        write_params(pipeline, {"evaluate": {"win_rate_prompts": 6}})
+        assert "sft_responses" in ran(run(pipeline, "dvc", "repro", "--dry").stdout)
+    finally:
+        (pipeline / "params.yaml").write_text(original)
+
+
 def test_failing_gate_stops_repro_with_the_prescribed_decision(pipeline):
     original = (pipeline / "params.yaml").read_text()
     try:
