@@ -29,6 +29,7 @@ from dpoflow.eval.human import export_human_sheet, import_human_ratings
 from dpoflow.eval.measure import kl_prompt_messages, make_probe
 from dpoflow.eval.retention import paired_benchmark_retention
 from dpoflow.eval.weakness import breakdown_deltas, judged_breakdown
+from dpoflow.eval.win_rate import baseline_texts_for, decodings
 from dpoflow.modeling import loading
 from dpoflow.modeling.chain import export_final
 from dpoflow.modeling.reference import read_ref_logps
@@ -38,7 +39,7 @@ from dpoflow.reporting.qualitative import qualitative_rows, sheet_indices
 from dpoflow.reporting.report import CURVES, ReportInputs, input_lines, write_report
 from dpoflow.runtime import io
 from dpoflow.runtime.device import numerics_environment
-from dpoflow.runtime.errors import user_errors
+from dpoflow.runtime.errors import UserError, user_errors
 from dpoflow.runtime.params import input_folder, load_params
 
 from judging import judge_for
@@ -81,6 +82,13 @@ def _measure(p) -> None:
     chip, batch_size = p.resolved_batch_size()
     click.echo(f"chip {chip}: batch size {batch_size}")
     mx.random.seed(p.seed)
+    items = tasks.read_split(SPLITS / "eval.jsonl")[: p.evaluate.win_rate_prompts]
+    sft_responses = io.read_jsonl(SFT_RESPONSES)
+    for temperature in decodings(p.evaluate.win_rate_temperature):
+        try:
+            baseline_texts_for(sft_responses, items, temperature)
+        except ValueError as exc:  # run by hand after a params edit, without `dvc repro`
+            raise UserError(f"{SFT_RESPONSES}: {exc}") from exc
     t0 = time.perf_counter()
     info = export_final(SFT, SELECTED, FINAL, dtype=p.model.dtype)
     click.echo(f"exported round {info['selected_round']} -> {FINAL} (standalone mlx-lm folder, adapters fused)")
@@ -104,7 +112,6 @@ def _measure(p) -> None:
     sft_model.freeze()
     pp = p.preference
     judge, judge_name = judge_for(p, "evaluate", batch_size)
-    items = tasks.read_split(SPLITS / "eval.jsonl")[: p.evaluate.win_rate_prompts]
     heldout_items = tasks.read_split(SPLITS / "heldout.jsonl")
     heldout_pairs = read_pairs(HELDOUT_PAIRS)
     heldout_cache = read_ref_logps(
@@ -124,7 +131,7 @@ def _measure(p) -> None:
         judge_name=judge_name,
         items=items,
         prompts=[prompt_of(item, p.data.system_prompt or None) for item in items],
-        baseline_responses=io.read_jsonl(SFT_RESPONSES),
+        baseline_responses=sft_responses,
         probe=make_probe(p, tokenizer, kl_prompts, heldout_pairs, heldout_cache, batch_size),
         final_benchmarks=final_scores,
         baseline_benchmarks=baseline,

@@ -90,6 +90,26 @@ def test_a_dpo_edit_reuses_the_sft_models_win_rate_responses(pipeline):
         run(pipeline, "dvc", "repro")  # back to the shared project's state (from DVC's run-cache)
 
 
+def test_stage7_refuses_sft_responses_made_for_other_prompts(pipeline):
+    """Run by hand with other win-rate prompts than sft_responses decoded: one Error: line, before any work."""
+    other = pipeline / "params_other_prompts.yaml"
+    params = yaml.safe_load((pipeline / "params.yaml").read_text())
+    params["evaluate"]["win_rate_prompts"] -= 2
+    other.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        proc = run(pipeline, "python", "stages/evaluate.py", "--params", other.name, check=False)
+    finally:
+        other.unlink()
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error:")]
+    assert errors == [
+        "Error: data/sft_responses.jsonl: the baseline responses (greedy) are for other prompts: 2 of "
+        f"{params['evaluate']['win_rate_prompts']} differ (rerun the sft_responses stage)"
+    ], proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert ran(run(pipeline, "dvc", "repro").stdout) == []  # nothing was touched
+
+
 def test_failing_gate_stops_repro_with_the_prescribed_decision(pipeline):
     original = (pipeline / "params.yaml").read_text()
     try:
